@@ -1,0 +1,125 @@
+"""Muon: MomentUm Orthogonalized by Newton-Schulz.
+
+Muon keeps SGD momentum for each hidden weight matrix and, instead of stepping
+along the momentum M, steps along the nearest semi-orthogonal matrix UV^T
+(where M = USV^T): every singular direction of the update moves by the same
+amount, so rare but important directions are not drowned out by the few
+dominant ones that plain momentum follows. UV^T is approximated by five steps
+of a quintic Newton-Schulz iteration whose coefficients (3.4445, -4.7750,
+2.0315) maximise the slope at zero: it converges fast and lands the singular
+values in roughly [0.7, 1.2] instead of exactly 1, which does not hurt. The
+iteration is stable in bf16, so it runs in bf16 on the tensor cores.
+
+Only for 2D hidden weights (conv weights are viewed as out x in*kh*kw);
+embeddings, norms and biases belong to AdamW.
+
+`Muon` is a drop-in for torch.optim.Muon (same arguments, same update for 2D
+parameters) that also batches same-shaped matrices into one Newton-Schulz call
+and, under torch.distributed, splits that work across ranks.
+
+References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural
+networks" (2024); J. Liu et al., "Muon is Scalable for LLM Training" (2025),
+for the `match_rms_adamw` learning-rate adjustment.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
+    """Approximately orthogonalise G [..., A, B], batched over leading dims."""
+    a, b, c = coefficients
+    X = G.bfloat16().reshape(-1, *G.shape[-2:])  # [k, A, B]
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
+        X = X.mT
+    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+    return (X.mT if tall else X).reshape(G.shape)
+
+
+def adjusted_lr(lr, adjust_lr_fn, shape):
+    """Scale lr by the matrix shape: 'original' (Jordan) keeps the update's RMS
+    independent of aspect ratio; 'match_rms_adamw' (Liu et al.) gives it AdamW's
+    typical RMS of 0.2, so AdamW's lr and weight decay carry over."""
+    A, B = shape
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, A / B))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(A, B))
+    raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's constructor and update, plus: conv weights (as 2D),
+    one batched Newton-Schulz call per shape, the orthogonalisation split
+    across ranks under torch.distributed (all ranks must hold identical
+    gradients, as after DDP's all-reduce), and `momentum_dtype` (e.g.
+    torch.bfloat16 halves the optimizer state)."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
+                 adjust_lr_fn=None, momentum_dtype=None):
+        if lr < 0 or weight_decay < 0 or momentum < 0:
+            raise ValueError(f"Muon: lr, weight_decay and momentum must be >= 0, got {lr}, {weight_decay}, {momentum}")
+        adjusted_lr(1.0, adjust_lr_fn, (1, 1))  # validates the name
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        self.momentum_dtype = momentum_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon takes matrices and conv weights, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # the momentum update, per parameter; updates grouped by matrix shape
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
+                buf = state["momentum_buffer"]
+                g = p.grad.to(buf.dtype)
+                buf.lerp_(g, 1 - group["momentum"])
+                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = update.view(p.size(0), -1)
+                by_shape.setdefault(tuple(update.shape), []).append((p, update))
+            for shape, items in by_shape.items():
+                O = self._orthogonalize(torch.stack([u for _, u in items]), group)
+                lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
+                for (p, _), o in zip(items, O):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(o.view_as(p).to(p.dtype), alpha=-lr)
+        return loss
+
+    def _orthogonalize(self, U, group):
+        """Newton-Schulz on the stack U [k, A, B]; under torch.distributed each
+        rank takes a contiguous 1/world of the k matrices and all-gathers the rest."""
+        ns = lambda X: zeropower_via_newtonschulz5(X, group["ns_steps"], group["ns_coefficients"], group["eps"])
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            return ns(U)
+        k = U.size(0)
+        per_rank = math.ceil(k / world)
+        U = torch.cat([U, U.new_zeros(per_rank * world - k, *U.shape[1:])])  # pad to a multiple of world
+        mine = ns(U[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank])
+        if U.device.type == "cpu":  # gloo has no bf16 all_gather
+            mine = mine.float()
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine.contiguous())
+        return torch.cat(parts)[:k]
