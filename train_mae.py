@@ -76,6 +76,7 @@ cooldown_frac = 0.2  # wsd/rsqrt: fraction of the run spent in the linear cooldo
 out_dir = 'out'
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 eval_interval = 1000  # optimizer steps between evaluation + checkpoint
+keep_ckpts = 0  # also keep the last K checkpoints as ckpt_<step>.pt (cooldowns from intermediate points)
 log_interval = 20  # optimizer steps between log lines (and NaN / preemption checks)
 compile = True  # torch.compile the model
 dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
@@ -673,7 +674,7 @@ def lr_factor(step, total, warmup, schedule, cooldown_frac):
 def save_checkpoint(path, obj):
     """Atomic: write a temporary file, fsync, rename. A crash or a full disk
     while saving leaves the previous checkpoint as it was."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
@@ -816,9 +817,21 @@ def main(argv):
                 f.write(json.dumps(record) + '\n')
 
     def checkpoint():
-        if master:
-            save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                                            config=vars(c), step=step, best_val_loss=best_val))
+        if not master:
+            return
+        state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                     config=vars(c), step=step, best_val_loss=best_val)
+        try:
+            save_checkpoint(ckpt_path, state)
+        except OSError as e:
+            raise SystemExit(f"error: could not write {ckpt_path} ({e}); the previous checkpoint is intact")
+        if c.keep_ckpts > 0:  # hard links: no copy, and replacing ckpt.pt later leaves them alone
+            kept = os.path.join(c.out_dir, f'ckpt_{step}.pt')
+            if not os.path.exists(kept):
+                os.link(ckpt_path, kept)
+            old = sorted((int(f[5:-3]) for f in os.listdir(c.out_dir) if f.startswith('ckpt_') and f.endswith('.pt')))
+            for s in old[:-c.keep_ckpts]:
+                os.remove(os.path.join(c.out_dir, f'ckpt_{s}.pt'))
 
     stop = []  # SIGTERM/SIGINT: save at the next log boundary and exit cleanly
     for sig in (signal.SIGTERM, signal.SIGINT):

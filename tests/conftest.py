@@ -1,0 +1,38 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# a tiny MAE on the built-in data: a few steps take well under a second on a 2-core CPU
+TINY = ['--data_dir=synthetic', '--synthetic_size=(256,32)', '--img_size=32', '--patch_size=8',
+        '--enc_dim=64', '--enc_depth=2', '--enc_heads=2', '--dec_dim=32', '--dec_depth=1', '--dec_heads=2',
+        '--batch_size=16', '--micro_batch_size=8', '--compile=False', '--num_workers=0',
+        '--epochs=2', '--warmup_epochs=1', '--log_interval=1', '--eval_interval=2']
+
+
+def run(args, check=True, timeout=300, env=None, torchrun=0):
+    """Run train_mae.py (or another script: args[0] ending in .py) in a fresh process."""
+    script = args[0] if args and args[0].endswith('.py') else 'train_mae.py'
+    args = args[1:] if args and args[0].endswith('.py') else args
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [sys.executable]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}
+    p = subprocess.run(launcher + [os.path.join(ROOT, script)] + list(args), cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)
