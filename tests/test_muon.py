@@ -1,0 +1,121 @@
+"""muon.Muon against torch.optim.Muon, and what it adds: conv weights, batching, ranks."""
+import os
+
+import pytest
+import torch
+
+import muon_ddp_worker
+from conftest import run
+from muon import Muon, zeropower_via_newtonschulz5
+
+SHAPES = [(64, 16), (16, 64), (32, 32), (48, 40), (64, 16)]  # tall, wide, square, near-square, a repeat
+
+
+def run_both(shapes, steps=4, **kw):
+    torch.manual_seed(0)
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(steps)]
+    results = []
+    for cls in (Muon, torch.optim.Muon):
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = cls(params, **kw)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    return init, results
+
+
+@pytest.mark.parametrize('adjust_lr_fn', [None, 'original', 'match_rms_adamw'])
+@pytest.mark.parametrize('nesterov', [True, False])
+def test_same_update_as_torch_muon(adjust_lr_fn, nesterov):
+    init, (ours, theirs) = run_both(SHAPES, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov,
+                                    adjust_lr_fn=adjust_lr_fn)
+    for w0, a, b in zip(init, ours, theirs):
+        moved = (b - w0).abs().max()
+        assert moved > 1e-3  # the parameters did move
+        # bf16 Newton-Schulz: the two may round differently, by well under 1% of the step
+        assert (a - b).abs().max() < 0.01 * moved
+
+
+def test_same_update_with_other_hyperparameters():
+    init, (ours, theirs) = run_both(SHAPES[:3], steps=3, lr=0.1, weight_decay=0.0, momentum=0.8, ns_steps=3,
+                                    ns_coefficients=(3.0, -3.2, 1.2))
+    for w0, a, b in zip(init, ours, theirs):
+        assert (a - b).abs().max() < 0.01 * (b - w0).abs().max()
+
+
+@pytest.mark.parametrize('shape', [(64, 16), (16, 64), (128, 128), (8, 3, 40, 50)])
+def test_newton_schulz_singular_values_lie_in_the_band(shape):
+    torch.manual_seed(0)
+    # G = U diag(s) V^T with singular values spread over 20x, the polar factor is U V^T
+    k = min(shape[-2:])
+    U = torch.linalg.qr(torch.randn(*shape[:-1], k))[0]
+    V = torch.linalg.qr(torch.randn(*shape[:-2], shape[-1], k))[0]
+    G = U @ torch.diag_embed(torch.logspace(-1.3, 0, k).expand(*shape[:-2], k)) @ V.mT
+    X = zeropower_via_newtonschulz5(G).float()
+    assert X.shape == G.shape and X.dtype == torch.float32
+    s = torch.linalg.svdvals(X)
+    assert s.min() > 0.5 and s.max() < 1.3, (s.min(), s.max())
+    # and it approximates the polar factor
+    cos = torch.nn.functional.cosine_similarity((U @ V.mT).flatten(-2), X.flatten(-2), dim=-1)
+    assert cos.min() > 0.98
+
+
+def test_conv_weights_are_orthogonalised_as_2d_matrices():
+    torch.manual_seed(0)
+    w0, g = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    conv = torch.nn.Parameter(w0.clone())
+    flat = torch.nn.Parameter(w0.view(8, 36).clone())
+    for p, grad in ((conv, g), (flat, g.view(8, 36))):
+        p.grad = grad.clone()
+    Muon([conv], lr=0.02, adjust_lr_fn='match_rms_adamw').step()
+    torch.optim.Muon([flat], lr=0.02, adjust_lr_fn='match_rms_adamw').step()
+    assert conv.shape == (8, 4, 3, 3)
+    step = (flat.detach() - w0.view(8, 36)).abs().max()
+    assert (conv.detach().view(8, 36) - flat.detach()).abs().max() < 0.01 * step
+    with pytest.raises(ValueError, match='shape'):
+        Muon([torch.nn.Parameter(torch.zeros(5))])
+
+
+def test_state_dict_round_trip_resumes_identically():
+    torch.manual_seed(0)
+    w0 = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(4)]
+
+    def steps(params, opt, gs):
+        for g in gs:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+
+    straight = [torch.nn.Parameter(w.clone()) for w in w0]
+    steps(straight, Muon(straight, lr=0.02), grads)
+    first = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = Muon(first, lr=0.02)
+    steps(first, opt, grads[:2])
+    saved = opt.state_dict()
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = Muon(second, lr=0.02)
+    opt2.load_state_dict(saved)
+    steps(second, opt2, grads[2:])
+    for a, b in zip(straight, second):
+        assert torch.equal(a, b)
+
+
+def test_bf16_momentum_halves_the_state():
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    p.grad = torch.randn(32, 16)
+    opt = Muon([p], momentum_dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[p]['momentum_buffer'].dtype == torch.bfloat16 and p.dtype == torch.float32
+
+
+def test_two_ranks_split_the_work_and_end_identical_to_one_process(tmp_path):
+    run(['tests/muon_ddp_worker.py', str(tmp_path)], torchrun=2, timeout=120)
+    r0, r1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    single = muon_ddp_worker.train(*muon_ddp_worker.make_params())
+    for a, b, c in zip(r0, r1, single):
+        assert torch.equal(a, b)  # all ranks identical
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)  # and equal to the one-process result
