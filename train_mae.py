@@ -833,70 +833,73 @@ def main(argv):
             for s in old[:-c.keep_ckpts]:
                 os.remove(os.path.join(c.out_dir, f'ckpt_{s}.pt'))
 
-    stop = []  # SIGTERM/SIGINT: save at the next log boundary and exit cleanly
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
     batches = iter(train_loader)
     loss_sum = torch.zeros((), device=dev)  # summed on the device: no host sync per step
-    skipped = torch.zeros((), dtype=torch.long)
-    t0, imgs_since = time.time(), 0
-    while step < total:
-        lr = c.lr * lr_factor(step, total, warmup, c.schedule, c.cooldown_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group['lr'] = lr
-        for micro in range(accum):
-            imgs, _, noise, n_skipped = next(batches)
-            skipped += n_skipped.sum()
-            sync = not ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
-            with contextlib.nullcontext() if sync else train_model.no_sync():
-                with autocast:
-                    loss, _, _ = train_model(to_device(imgs, dev), noise.to(dev, non_blocking=True))
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        step += 1
-        imgs_since += c.batch_size
-        bar.update(1)
+    skipped = torch.zeros((), dtype=torch.long)  # unreadable images so far (all ranks, after the reduce)
+    t0, steps_since_log = time.time(), 0
+    stop = []  # SIGTERM/SIGINT land here: save at the next log boundary and exit cleanly
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while step < total:
+            lr = c.lr * lr_factor(step, total, warmup, c.schedule, c.cooldown_frac)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group['lr'] = lr
+            for micro in range(accum):
+                imgs, _, noise, n_skipped = next(batches)
+                skipped += n_skipped.sum()
+                sync = not ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with autocast:
+                        loss, _, _ = train_model(to_device(imgs, dev), noise.to(dev, non_blocking=True))
+                    (loss / accum).backward()
+                loss_sum += loss.detach() / accum
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+            bar.update(1)
 
-        if step % c.log_interval == 0 or step == total or step % c.eval_interval == 0:
-            stats = torch.stack([loss_sum, skipped.to(dev).float(), torch.tensor(float(bool(stop)), device=dev)])
-            if ddp:
-                dist.all_reduce(stats)
-            n_logged = c.log_interval if step % c.log_interval == 0 else (step % c.log_interval or c.log_interval)
-            loss_avg, n_bad, stopping = stats[0].item() / (world * n_logged), int(stats[1].item()), stats[2].item() > 0
-            if not math.isfinite(loss_avg):  # stop before a poisoned model is saved; ckpt.pt stays the last good one
-                raise SystemExit(f"error: loss is {loss_avg} at step {step}: stopping; {ckpt_path} keeps the last good state")
-            dt = time.time() - t0
-            write_log(step=step, loss=loss_avg, lr=lr,
-                      imgs_per_sec=imgs_since / dt, skipped_images=n_bad)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{imgs_since / dt:.0f}")
-            loss_sum.zero_()
-            t0, imgs_since = time.time(), 0
-            if stopping:
+            evaluating = step % c.eval_interval == 0 or step == total
+            if step % c.log_interval == 0 or evaluating:  # the only host syncs of the loop
+                stats = torch.stack([loss_sum / steps_since_log, skipped.to(dev).float(), torch.tensor(float(bool(stop)), device=dev)])
+                if ddp:
+                    dist.all_reduce(stats)
+                loss_avg, n_skipped, stopping = stats[0].item() / world, int(stats[1].item()), stats[2].item() > 0
+                if not math.isfinite(loss_avg):  # stop before a poisoned model is saved
+                    raise SystemExit(f"error: loss is {loss_avg} at step {step}; {ckpt_path} keeps the last good state")
+                imgs_per_sec = steps_since_log * c.batch_size / (time.time() - t0)
+                write_log(step=step, loss=loss_avg, lr=lr, imgs_per_sec=imgs_per_sec, skipped_images=n_skipped)
+                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{imgs_per_sec:.0f}")
+                loss_sum.zero_()
+                steps_since_log = 0
+                if stopping:
+                    checkpoint()
+                    log(f"\nstopped by signal at step {step}: {ckpt_path} saved, continue with --init_from=resume")
+                    break
+            if evaluating:
+                if not all(torch.isfinite(p).all() for p in model.parameters()):
+                    raise SystemExit(f"error: non-finite weights at step {step}; {ckpt_path} keeps the last good state")
+                model.eval()
+                val_loss = evaluate(compiled, val_loader, dev, autocast)
+                model.train()
+                best_val = min(best_val, val_loss)
+                write_log(step=step, val_loss=val_loss)
+                log(f"\nstep {step}: val loss {val_loss:.4f} (best {best_val:.4f})")
                 checkpoint()
-                log(f"\nstopped by signal at step {step}; resume with --init_from=resume")
-                break
-        if step % c.eval_interval == 0 or step == total:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise SystemExit(f"error: non-finite weights at step {step}: stopping; {ckpt_path} keeps the last good state")
-            model.eval()
-            val_loss = evaluate(compiled, val_loader, dev, autocast)
-            model.train()
-            best_val = min(best_val, val_loss)
-            write_log(step=step, val_loss=val_loss)
-            log(f"\nstep {step}: val loss {val_loss:.4f} (best {best_val:.4f})")
-            checkpoint()
-            if master:
-                with autocast:
-                    save_reconstructions(model, val_set, os.path.join(c.out_dir, 'recon.png'), dev)
-            t0 = time.time()
-    bar.close()
+                if master:
+                    with autocast:
+                        save_reconstructions(model, val_set, os.path.join(c.out_dir, 'recon.png'), dev)
+            if steps_since_log == 0:
+                t0 = time.time()  # throughput excludes logging, evaluation and saving
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        bar.close()
     if ddp:
         dist.destroy_process_group()
 
