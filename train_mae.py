@@ -717,7 +717,9 @@ def save_reconstructions(model, dataset, path, device, n=8):
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     rows = [torch.cat([x, model.unpatchify(masked), model.unpatchify(recon)], dim=3) * std + mean]
     grid = torch.cat(rows[0].unbind(0), dim=1)  # [3, n*H, 3*W]
-    Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+    scale = max(1, 128 // x.size(-1))  # small images: blow up to >= 128 px each, pixels kept sharp
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def check_resume(c, ckpt):

@@ -223,7 +223,7 @@ def test_training_run_writes_log_checkpoint_and_reconstructions(tmp_path):
     assert [r['step'] for r in log if 'val_loss' in r] == [2, 4, 6]
     ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
     assert ckpt['step'] == 6 and ckpt['config']['enc_dim'] == 64 and set(ckpt['config']) == set(T.CONFIG)
-    assert Image.open(out / 'recon.png').size == (3 * 32, 8 * 32)
+    assert Image.open(out / 'recon.png').size == (3 * 128, 8 * 128)  # 32 px images, shown at 128
 
 
 def test_quickstart_loss_falls(tmp_path):
