@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -119,7 +120,10 @@ def configure(argv, defaults):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg}")
             scope = {}
-            exec(open(arg).read(), scope)
+            try:
+                exec(open(arg).read(), scope)
+            except Exception as e:
+                raise ConfigError(f"config file {arg}: {type(e).__name__}: {e}")
             updates = {k: v for k, v in scope.items() if not k.startswith('_') and not callable(v)
                        and type(v).__name__ != 'module'}
         for key, value in updates.items():
@@ -156,10 +160,13 @@ def check_config(c):
     for dim, heads in (('enc_dim', 'enc_heads'), ('dec_dim', 'dec_heads')):
         if getattr(c, dim) % getattr(c, heads):
             raise ConfigError(f"--{heads}={getattr(c, heads)} does not divide --{dim}={getattr(c, dim)}")
+        if getattr(c, dim) % 4:
+            raise ConfigError(f"--{dim}={getattr(c, dim)}: the 2D sin-cos position embedding needs a multiple of 4")
     if not 0 <= c.mask_ratio < 1:
         raise ConfigError(f"--mask_ratio={c.mask_ratio}: must be in [0, 1)")
-    if int((c.img_size // c.patch_size) ** 2 * (1 - c.mask_ratio)) < 1:
-        raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible patch")
+    L = (c.img_size // c.patch_size) ** 2
+    if not 0 < int(L * (1 - c.mask_ratio)) < L:
+        raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")
     for key in ('batch_size', 'micro_batch_size', 'eval_interval', 'log_interval'):
         if getattr(c, key) < 1:
             raise ConfigError(f"--{key}={getattr(c, key)}: must be >= 1")
@@ -174,7 +181,7 @@ def check_config(c):
 
 def make_norm(kind, dim, bias):
     # bias=False also drops LayerNorm's shift; RMSNorm has none: it only rescales
-    return nn.LayerNorm(dim, bias=bias) if kind == 'layernorm' else nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, eps=1e-6, bias=bias) if kind == 'layernorm' else nn.RMSNorm(dim, eps=1e-6)
 
 
 class Attention(nn.Module):
@@ -769,8 +776,13 @@ def main(argv):
     if c.init_from == 'resume':
         if not os.path.isfile(ckpt_path):
             raise ConfigError(f"--init_from=resume but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-        check_resume(c, ckpt)
+        try:
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+            check_resume(c, ckpt)
+        except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"{ckpt_path} is not a readable nanoMAE checkpoint ({type(e).__name__}: {e})")
+    elif os.path.exists(ckpt_path):
+        log(f"warning: --init_from=scratch: {ckpt_path} will be overwritten at the first evaluation")
     if master:
         try:
             os.makedirs(c.out_dir, exist_ok=True)

@@ -164,3 +164,9 @@ def test_a_dead_rank_ends_the_whole_run(tmp_path):
     assert p.returncode != 0 and time.time() - t < 90
     time.sleep(1)
     assert all(not os.path.exists(f'/proc/{w}') or open(f'/proc/{w}/stat').read().split()[2] == 'Z' for w in workers)
+
+
+def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path):
+    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match='is not a readable nanoMAE checkpoint'):
+        T.main(TINY + [f'--out_dir={tmp_path}', '--init_from=resume'])

@@ -31,7 +31,8 @@ def test_overrides_types_and_config_files(tmp_path):
 @pytest.mark.parametrize('args,names', [
     (['--nope=1'], "'nope'"), (['--epochs=1.5'], '--epochs'), (['--swiglu=1'], '--swiglu'),
     (['--betas=0.9'], '--betas'), (['--norm=batchnorm'], '--norm'), (['--img_size=30'], '--img_size=30'),
-    (['--enc_heads=5'], '--enc_heads=5'), (['--mask_ratio=1.0'], '--mask_ratio'),
+    (['--enc_heads=5'], '--enc_heads=5'), (['--mask_ratio=1.0'], '--mask_ratio'), (['--mask_ratio=0.0'], 'no masked'),
+    (['--dec_dim=30', '--dec_heads=3'], '--dec_dim=30'),
     (['--batch_size=12'], '--batch_size=12'), (['--optimizer=sgd'], '--optimizer'), (['--lr'], '--lr'),
     (['missing_config.py'], 'missing_config.py'), (['--init_from=resume'], 'ckpt.pt'),
     (['--data_dir=/no/such/dir'], '/no/such/dir'), (['--stem=conv', '--patch_size=6', '--img_size=36'], '--patch_size'),

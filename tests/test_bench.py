@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import bench  # noqa: E402
+import train_mae  # noqa: E402
+
+TINY_MODEL = dict(img_size=32, patch_size=8, enc_dim=64, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2)
+
+
+def test_bench_prints_every_bench_as_json(tmp_path):
+    keys = dict(TINY_MODEL, batch_size=16, micro_batch_size=8, iters=2, warmup_iters=1, peak_flops=1e12, muon_iters=2,
+                loader_images=24, loader_batches=2, loader_workers=(0, 1), bench_dir=str(tmp_path), num_workers=0,
+                synthetic_size=(64, 32), probe_batch_size=32, probe_epochs=1)
+    argv = [f"--{k}={v}" for k, v in keys.items()]
+    out = subprocess.run([sys.executable, 'bench.py', '--device=cpu', *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines()]  # every line is one JSON object
+    by_name = {}
+    for r in records:
+        by_name.setdefault(r['name'], []).append(r)
+    assert set(by_name) == {'train', 'muon_step', 'loader', 'probe_sweep'}
+    [train] = by_name['train']
+    assert train['imgs_per_sec'] > 0 and 0 < train['mfu'] < 1 and train['peak_mem_gb'] > 0
+    assert train['device'].startswith('cpu')
+    [muon] = by_name['muon_step']
+    assert muon['ours_ms'] > 0 and muon['torch_ms'] > 0 and muon['speedup'] > 0
+    assert sorted(r['workers'] for r in by_name['loader']) == [0, 0, 1]  # PIL alone, then 0 and 1 workers
+    assert all(r['imgs_per_sec'] > 0 for r in by_name['loader'])
+    [sweep] = by_name['probe_sweep']
+    assert sweep['configs'] == 30 and sweep['sweep_s'] > 0 and sweep['single_s'] > 0
+
+
+def counted_flops(c):
+    """An independent count: torch's FlopCounterMode over one forward and backward, with
+    attention as plain matmuls (the math kernel) and the images requiring grad, so that
+    every matmul has its two backward matmuls, as the formula's 3x assumes."""
+    torch.manual_seed(0)
+    model = train_mae.build_model(c)
+    imgs = torch.randn(2, 3, c.img_size, c.img_size, requires_grad=True)
+    noise = torch.rand(2, model.num_patches)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss, _, _ = model(imgs, noise)
+        loss.backward()
+    return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize('variant', [dict(), dict(stem='conv', swiglu=True, mask_ratio=0.75, mlp_ratio=3.0)])
+def test_mae_flops_per_image_matches_flop_counter(variant):
+    c = SimpleNamespace(**{**train_mae.CONFIG, **TINY_MODEL, **variant})
+    assert bench.mae_flops_per_image(c) == pytest.approx(counted_flops(c), rel=1e-3)
+
+
+def test_vit_s16_is_29_gflop_per_image():
+    # the blog's ViT-S/16: 224 px, mask 0.6, decoder 384 x 8 (train_mae's defaults)
+    c = SimpleNamespace(**train_mae.CONFIG)
+    assert bench.mae_flops_per_image(c) == pytest.approx(28.96e9, rel=0.005)

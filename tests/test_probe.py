@@ -1,0 +1,202 @@
+"""probe.py: the stacked probes and optimizers against plain per-setting runs,
+accuracy, checkpoints, errors and torchrun."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import probe
+import train_mae
+from conftest import TINY, run
+from muon import Muon
+
+# a tiny random encoder on the built-in data, and the system keys for a quick CPU run
+PROBE_TINY = ['--ckpt=', '--data_dir=synthetic', '--img_size=32', '--patch_size=8', '--enc_dim=64', '--enc_depth=2',
+              '--enc_heads=2', '--dec_dim=32', '--dec_depth=1', '--dec_heads=2', '--synthetic_size=(256,128)',
+              '--batch_size=32', '--epochs=2', '--compile=False', '--num_workers=0', '--device=cpu']
+
+
+def reference_logits(params, x):
+    """One probe the textbook way: project every token to keys and values,
+    multi-head attention of the query, then the Linear. params: 2D, one probe."""
+    N, L, _ = x.shape
+    H = params['query'].size(0)
+    k = (x @ params['wk'].T).view(N, L, H, 64).transpose(1, 2)  # [N, H, L, 64]
+    v = (x @ params['wv'].T + params['bv']).view(N, L, H, 64).transpose(1, 2)
+    q = params['query'][None, :, None].expand(N, H, 1, 64)
+    out = F.scaled_dot_product_attention(q, k, v).reshape(N, H * 64)
+    return out @ params['head_w'].T + params['head_b']
+
+
+@pytest.mark.parametrize('dim', [128, 100])  # 2 heads; 1 head of 64 on a width that is no multiple of 64
+def test_stacked_forward_is_multihead_cross_attention(dim):
+    torch.manual_seed(0)
+    probes = probe.AttentiveProbes(3, dim, 10)
+    with torch.no_grad():  # probes that differ, and a query that does not attend uniformly
+        for p in probes.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(5, 7, dim)
+    logits = probes(x)
+    assert logits.shape == (3, 5, 10)
+    for i in range(3):
+        ref = reference_logits({name: p[i] for name, p in probes.named_parameters()}, x)
+        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('update,shape', [(probe.adamw_update, (3, 6, 5)), (probe.adamw_update, (3, 5)),
+                                          (probe.muon_update, (3, 6, 5)), (probe.muon_update, (3, 5, 7))])
+def test_stacked_updates_are_adamw_and_muon_per_setting(update, shape):
+    """Each probe's slice of a stacked update == torch.optim.AdamW (muon.Muon) with that probe's lr and wd."""
+    lr, wd = torch.tensor([1e-3, 1e-2, 3e-2]), torch.tensor([0.0, 0.1, 1.0])
+    torch.manual_seed(0)
+    stacked = torch.randn(shape, requires_grad=True)
+    refs = [stacked[i].detach().clone().requires_grad_() for i in range(3)]
+    if update is probe.adamw_update:
+        opts = [torch.optim.AdamW([r], lr=lr[i].item(), weight_decay=wd[i].item()) for i, r in enumerate(refs)]
+    else:
+        opts = [Muon([r], lr=lr[i].item(), weight_decay=wd[i].item(), adjust_lr_fn='match_rms_adamw')
+                for i, r in enumerate(refs)]
+    state = {}
+    for step in range(4):
+        grad, f = torch.randn(shape), 1 / (step + 1)  # a decaying schedule
+        stacked.grad = grad
+        with torch.no_grad():
+            update(stacked, state, lr * f, wd)
+        for i, (r, opt) in enumerate(zip(refs, opts)):
+            r.grad = grad[i].clone()
+            opt.param_groups[0]['lr'] = lr[i].item() * f
+            opt.step()
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(stacked[i], r, rtol=1e-5, atol=1e-6)
+    assert (stacked[0] - stacked[2]).abs().max() > 0.01  # the settings differ
+
+
+@pytest.mark.parametrize('head_wd', [None, 3.0])
+def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
+    """The whole grid trained at once == each setting alone: a textbook 2D probe
+    with torch.optim.AdamW, its lr schedule and weight decays, on the same batches.
+    (With Muon, a probe's key and value gradients have low rank and Newton-Schulz
+    amplifies rounding in the missing directions: it is checked update by update above.)"""
+    lrs, wds, dim, steps, warmup, tol = (1e-3, 1e-2), (0.0, 1.0), 128, 8, 2, 2e-5
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 9, dim), torch.randint(0, 10, (16,))) for _ in range(steps)]
+    schedule = [train_mae.lr_factor(s, steps, warmup, 'cosine', 0.0) for s in range(steps)]
+
+    probes = probe.AttentiveProbes(len(grid), dim, 10, seed=1)
+    decay = torch.tensor([wd for _, wd in grid])
+    head_decay = decay if head_wd is None else torch.full_like(decay, head_wd)
+    opt = probe.ProbeOptimizer(probes, decay, head_decay, 'adamw')
+    for (x, y), f in zip(batches, schedule):
+        losses = F.cross_entropy(probes(x).flatten(0, 1), y.repeat(len(grid)), reduction='none').view(len(grid), -1)
+        losses.mean(1).sum().backward()
+        opt.step(torch.tensor([lr for lr, _ in grid]) * f)
+        probes.zero_grad()
+
+    init = probe.AttentiveProbes(1, dim, 10, seed=1)
+    for i, (lr, wd) in enumerate(grid):
+        ref = {name: p[0].detach().clone().requires_grad_() for name, p in init.named_parameters()}
+        ref_opt = torch.optim.AdamW([dict(params=[ref['query'], ref['bv'], ref['head_b']], weight_decay=0.0),
+                                     dict(params=[ref['wk'], ref['wv']], weight_decay=wd),
+                                     dict(params=[ref['head_w']], weight_decay=wd if head_wd is None else head_wd)],
+                                    lr=lr, betas=(0.9, 0.999))
+        for (x, y), f in zip(batches, schedule):
+            F.cross_entropy(reference_logits(ref, x), y).backward()
+            for group in ref_opt.param_groups:
+                group['lr'] = lr * f
+            ref_opt.step()
+            ref_opt.zero_grad()
+        for name, p in probes.named_parameters():
+            torch.testing.assert_close(p[i], ref[name].detach(), rtol=tol, atol=tol, msg=lambda m: f"{lr} {wd} {name}: {m}")
+    for i in range(1, len(grid)):  # and the settings really moved the probes apart
+        assert (probes.wk[0] - probes.wk[i]).abs().max() > 10 * tol
+
+
+def test_one_pass_sweep_matches_single_runs_end_to_end(tmp_path):
+    grid = probe.main(PROBE_TINY + [f'--out_dir={tmp_path / "grid"}', '--lrs=(1e-3,1e-2)', '--wds=(0.0,1.0)',
+                                    '--head_weight_decay=0.5'])
+    assert [(r['lr'], r['weight_decay']) for r in grid['results']] == [(1e-3, 0.0), (1e-3, 1.0), (1e-2, 0.0), (1e-2, 1.0)]
+    assert json.load(open(tmp_path / 'grid' / 'probe_results.json')) == grid
+    assert grid['best'] == max(grid['results'], key=lambda r: r['top1'])
+    for lr, wd in [(1e-3, 1.0), (1e-2, 0.0)]:
+        alone = probe.main(PROBE_TINY + [f'--out_dir={tmp_path / "alone"}', f'--lrs=({lr},)', f'--wds=({wd},)',
+                                         '--head_weight_decay=0.5'])
+        [r] = [r for r in grid['results'] if (r['lr'], r['weight_decay']) == (lr, wd)]
+        assert abs(alone['results'][0]['top1'] - r['top1']) <= 100 / 128 + 1e-9  # at most one val image apart
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_random_encoder_probe_beats_chance(tmp_path, optimizer):
+    # Random features of these shapes are weak (about 25-30% at this budget): a wide
+    # encoder, mild crops and a few hundred steps keep the best probe far from 10%.
+    argv = PROBE_TINY + [f'--out_dir={tmp_path}', '--enc_dim=256', '--enc_heads=4', '--synthetic_size=(2048,512)',
+                         '--crop_scale=(0.6,1.0)', '--batch_size=32', '--epochs=5', '--lrs=(5e-3,1e-2,2e-2)',
+                         '--wds=(0.05,)', f'--probe_optimizer={optimizer}']
+    results = probe.main(argv)
+    assert results['best']['top1'] > 20, results
+
+
+@pytest.mark.parametrize('arch', [['--swiglu=True'], ['--norm=rmsnorm', '--bias=False'],
+                                  ['--stem=conv', '--swiglu=True', '--norm=rmsnorm', '--bias=False']])
+def test_checkpoint_round_trip_without_repeating_flags(tmp_path, monkeypatch, arch):
+    run(TINY + arch + ['--max_iters=2', f'--out_dir={tmp_path}'])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    built, build_model = [], train_mae.build_model
+    monkeypatch.setattr(train_mae, 'build_model', lambda c: built.append(build_model(c)) or built[-1])
+    # no architecture or data flag: they come from the checkpoint (data_dir too)
+    results = probe.main([f'--ckpt={tmp_path / "ckpt.pt"}', '--synthetic_size=(64,32)', '--batch_size=32', '--epochs=1',
+                          '--lrs=(1e-3,)', '--wds=(0.05,)', '--compile=False', '--num_workers=0'])
+    assert len(results['results']) == 1 and os.path.isfile(tmp_path / 'probe_results.json')  # next to the checkpoint
+    [model] = built
+    for k, v in ckpt['model'].items():  # the trained weights, not a fresh initialisation
+        assert torch.equal(model.state_dict()[k].cpu(), v), k
+    monkeypatch.undo()
+    # repeating a flag with the checkpoint's value is fine; a different one is not
+    probe.load_config([f'--ckpt={tmp_path / "ckpt.pt"}', '--enc_dim=64'])
+    with pytest.raises(SystemExit, match="--enc_dim=128 does not match the checkpoint's 64"):
+        probe.load_config([f'--ckpt={tmp_path / "ckpt.pt"}', '--enc_dim=128'])
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--lrs=1e-3'], "--lrs=0.001: expected tuple"),
+    (['--probe_optimizer=sgd'], "--probe_optimizer='sgd': must be one of adamw, muon"),
+    (['--epochs=2', '--warmup_epochs=3'], 'warmup_epochs'),
+    (['--wds=()'], 'need at least one'),
+    (['--lr=1e-3'], "unknown config key 'lr'"),
+    (['--data_dir='], '--data_dir is required'),
+])
+def test_bad_settings_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):
+        probe.load_config(PROBE_TINY + argv)
+
+
+def test_bad_checkpoint_and_unlabelled_data_fail_with_one_line(tmp_path):
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match='cannot read checkpoint'):
+        probe.load_config([f'--ckpt={garbage}'])
+    torch.save({'state': 1}, tmp_path / 'other.pt')
+    with pytest.raises(SystemExit, match='is not a train_mae.py checkpoint'):
+        probe.load_config([f'--ckpt={tmp_path / "other.pt"}'])
+
+    p = run(['probe.py', f'--ckpt={tmp_path / "missing.pt"}'], check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pt'}"]
+    for split in ('train', 'val'):  # images straight under train/ and val/: no class folders, no labels
+        os.makedirs(tmp_path / 'flat' / split)
+        Image.new('RGB', (8, 8)).save(tmp_path / 'flat' / split / 'x.png')
+    p = run(['probe.py'] + PROBE_TINY + [f'--data_dir={tmp_path / "flat"}'], check=False)
+    [line] = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and line.startswith('error: ') and 'has no class folders' in line
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path):
+    argv = PROBE_TINY + ['--lrs=(1e-3,1e-2)', '--wds=(0.05,)']
+    one = probe.main(argv + [f'--out_dir={tmp_path / "one"}'])
+    run(['probe.py'] + argv + [f'--out_dir={tmp_path / "two"}'], torchrun=2)
+    two = json.load(open(tmp_path / 'two' / 'probe_results.json'))
+    for a, b in zip(one['results'], two['results']):
+        assert math.isclose(a['top1'], b['top1'], abs_tol=100 / 128 + 1e-9), (one, two)  # one val image at most
