@@ -3,6 +3,7 @@ accuracy, checkpoints, errors and torchrun."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -18,6 +19,15 @@ from muon import Muon
 PROBE_TINY = ['--ckpt=', '--data_dir=synthetic', '--img_size=32', '--patch_size=8', '--enc_dim=64', '--enc_depth=2',
               '--enc_heads=2', '--dec_dim=32', '--dec_depth=1', '--dec_heads=2', '--synthetic_size=(256,128)',
               '--batch_size=32', '--epochs=2', '--compile=False', '--num_workers=0', '--device=cpu']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these ops are tiny: a second thread costs more than it saves, and far more on a busy CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def reference_logits(params, x):
@@ -111,7 +121,8 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
             ref_opt.step()
             ref_opt.zero_grad()
         for name, p in probes.named_parameters():
-            torch.testing.assert_close(p[i], ref[name].detach(), rtol=tol, atol=tol, msg=lambda m: f"{lr} {wd} {name}: {m}")
+            torch.testing.assert_close(p[i], ref[name].detach(), rtol=tol, atol=tol,
+                                       msg=lambda m: f"lr={lr} wd={wd} {name}: {m}")
     for i in range(1, len(grid)):  # and the settings really moved the probes apart
         assert (probes.wk[0] - probes.wk[i]).abs().max() > 10 * tol
 
@@ -119,37 +130,41 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
 def test_one_pass_sweep_matches_single_runs_end_to_end(tmp_path):
     grid = probe.main(PROBE_TINY + [f'--out_dir={tmp_path / "grid"}', '--lrs=(1e-3,1e-2)', '--wds=(0.0,1.0)',
                                     '--head_weight_decay=0.5'])
-    assert [(r['lr'], r['weight_decay']) for r in grid['results']] == [(1e-3, 0.0), (1e-3, 1.0), (1e-2, 0.0), (1e-2, 1.0)]
+    settings = [(r['lr'], r['weight_decay']) for r in grid['results']]
+    assert settings == [(1e-3, 0.0), (1e-3, 1.0), (1e-2, 0.0), (1e-2, 1.0)]  # lr-major
     assert json.load(open(tmp_path / 'grid' / 'probe_results.json')) == grid
     assert grid['best'] == max(grid['results'], key=lambda r: r['top1'])
     for lr, wd in [(1e-3, 1.0), (1e-2, 0.0)]:
         alone = probe.main(PROBE_TINY + [f'--out_dir={tmp_path / "alone"}', f'--lrs=({lr},)', f'--wds=({wd},)',
                                          '--head_weight_decay=0.5'])
         [r] = [r for r in grid['results'] if (r['lr'], r['weight_decay']) == (lr, wd)]
-        assert abs(alone['results'][0]['top1'] - r['top1']) <= 100 / 128 + 1e-9  # at most one val image apart
+        assert abs(alone['results'][0]['top1'] - r['top1']) <= 1 / 128 + 1e-9  # at most one val image apart
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
-def test_random_encoder_probe_beats_chance(tmp_path, optimizer):
-    # Random features of these shapes are weak (about 25-30% at this budget): a wide
-    # encoder, mild crops and a few hundred steps keep the best probe far from 10%.
+def test_random_encoder_probe_beats_chance(tmp_path):
+    # Random features of these shapes are weak (top-1 0.25-0.3 at this budget): a wide
+    # encoder, mild crops and a few hundred steps keep the best probe far from chance.
     argv = PROBE_TINY + [f'--out_dir={tmp_path}', '--enc_dim=256', '--enc_heads=4', '--synthetic_size=(2048,512)',
                          '--crop_scale=(0.6,1.0)', '--batch_size=32', '--epochs=5', '--lrs=(5e-3,1e-2,2e-2)',
-                         '--wds=(0.05,)', f'--probe_optimizer={optimizer}']
+                         '--wds=(0.05,)']
     results = probe.main(argv)
-    assert results['best']['top1'] > 20, results
+    assert results['best']['top1'] > 0.2, results  # chance: 0.1
 
 
-@pytest.mark.parametrize('arch', [['--swiglu=True'], ['--norm=rmsnorm', '--bias=False'],
-                                  ['--stem=conv', '--swiglu=True', '--norm=rmsnorm', '--bias=False']])
-def test_checkpoint_round_trip_without_repeating_flags(tmp_path, monkeypatch, arch):
+@pytest.mark.parametrize('arch,optimizer', [
+    (['--swiglu=True'], 'adamw'),
+    (['--norm=rmsnorm', '--bias=False'], 'muon'),
+    (['--stem=conv', '--swiglu=True', '--norm=rmsnorm', '--bias=False'], 'muon'),
+])
+def test_checkpoint_round_trip_without_repeating_flags(tmp_path, monkeypatch, arch, optimizer):
     run(TINY + arch + ['--max_iters=2', f'--out_dir={tmp_path}'])
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
     built, build_model = [], train_mae.build_model
     monkeypatch.setattr(train_mae, 'build_model', lambda c: built.append(build_model(c)) or built[-1])
     # no architecture or data flag: they come from the checkpoint (data_dir too)
-    results = probe.main([f'--ckpt={tmp_path / "ckpt.pt"}', '--synthetic_size=(64,32)', '--batch_size=32', '--epochs=1',
-                          '--lrs=(1e-3,)', '--wds=(0.05,)', '--compile=False', '--num_workers=0'])
+    results = probe.main([f'--ckpt={tmp_path / "ckpt.pt"}', '--synthetic_size=(64,32)', '--batch_size=32',
+                          '--epochs=1', '--lrs=(1e-3,)', '--wds=(0.05,)', '--compile=False', '--num_workers=0',
+                          f'--probe_optimizer={optimizer}'])
     assert len(results['results']) == 1 and os.path.isfile(tmp_path / 'probe_results.json')  # next to the checkpoint
     [model] = built
     for k, v in ckpt['model'].items():  # the trained weights, not a fresh initialisation
@@ -165,12 +180,12 @@ def test_checkpoint_round_trip_without_repeating_flags(tmp_path, monkeypatch, ar
     (['--lrs=1e-3'], "--lrs=0.001: expected tuple"),
     (['--probe_optimizer=sgd'], "--probe_optimizer='sgd': must be one of adamw, muon"),
     (['--epochs=2', '--warmup_epochs=3'], 'warmup_epochs'),
-    (['--wds=()'], 'need at least one'),
+    (['--wds=()'], 'need one or more of each'),
     (['--lr=1e-3'], "unknown config key 'lr'"),
     (['--data_dir='], '--data_dir is required'),
 ])
 def test_bad_settings_are_one_line_errors(argv, message):
-    with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         probe.load_config(PROBE_TINY + argv)
 
 
@@ -184,11 +199,12 @@ def test_bad_checkpoint_and_unlabelled_data_fail_with_one_line(tmp_path):
         probe.load_config([f'--ckpt={tmp_path / "other.pt"}'])
 
     p = run(['probe.py', f'--ckpt={tmp_path / "missing.pt"}'], check=False)
-    assert p.returncode != 0 and p.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pt'}"]
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pt'}"]
     for split in ('train', 'val'):  # images straight under train/ and val/: no class folders, no labels
         os.makedirs(tmp_path / 'flat' / split)
         Image.new('RGB', (8, 8)).save(tmp_path / 'flat' / split / 'x.png')
-    p = run(['probe.py'] + PROBE_TINY + [f'--data_dir={tmp_path / "flat"}'], check=False)
+    p = run(['probe.py'] + PROBE_TINY + [f'--data_dir={tmp_path / "flat"}', f'--out_dir={tmp_path}'], check=False)
     [line] = p.stderr.strip().splitlines()
     assert p.returncode != 0 and line.startswith('error: ') and 'has no class folders' in line
 
@@ -199,4 +215,4 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     run(['probe.py'] + argv + [f'--out_dir={tmp_path / "two"}'], torchrun=2)
     two = json.load(open(tmp_path / 'two' / 'probe_results.json'))
     for a, b in zip(one['results'], two['results']):
-        assert math.isclose(a['top1'], b['top1'], abs_tol=100 / 128 + 1e-9), (one, two)  # one val image at most
+        assert math.isclose(a['top1'], b['top1'], abs_tol=1 / 128 + 1e-9), (one, two)  # one val image at most

@@ -1,0 +1,300 @@
+"""Attentive probe of a frozen MAE encoder: a whole lr x weight-decay sweep in one pass.
+
+    python probe.py --ckpt=out/quickstart/ckpt.pt   # architecture and data from the checkpoint
+    # the baseline: the same encoder, untrained (ckpt='' takes train_mae.py's model and data keys)
+    python probe.py --ckpt= --data_dir=synthetic --img_size=64 --patch_size=8 --enc_dim=128 --enc_depth=6 --enc_heads=4
+    torchrun --standalone --nproc_per_node=8 probe.py --ckpt=out/muon/ckpt.pt
+
+The blog sweeps 10 learning rates x 3 weight decays, one probe run per setting.
+Here every setting is still its own probe, with its own parameters, lr schedule,
+weight decay and optimizer state, but the probes are stacked into tensors
+[P, ...] and trained together on the same batches: the encoder, which costs far
+more than any probe, runs once per batch for all of them. Writes
+out_dir/probe_results.json (top-1 on the val split, a fraction, as the blog reports
+it) and prints a table.
+"""
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train_mae
+from muon import adjusted_lr, zeropower_via_newtonschulz5
+from train_mae import ConfigError
+
+# -----------------------------------------------------------------------------
+# config. Override with `python probe.py [config/file.py] --key=value ...`.
+# train_mae.py's model and data keys (img_size, enc_dim, norm, synthetic_size,
+# crop_scale, ...) are keys here too: with a checkpoint they default to its
+# config, and an architecture key that disagrees with it is an error.
+ckpt = ''  # a train_mae.py ckpt.pt; '' probes a randomly initialised encoder (the baseline)
+data_dir = ''  # '' = the checkpoint's; an ImageFolder root with train/ and val/, or 'synthetic'
+out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (out/probe without one)
+epochs = 10
+warmup_epochs = 1  # linear lr warmup, then cosine to 0, per step
+batch_size = 1024  # global images per step (all ranks)
+lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # the sweep is every lr x every wd
+wds = (5e-4, 1e-3, 5e-2)
+probe_optimizer = 'adamw'  # 'adamw', or 'muon' (Muon on the probe's matrices, AdamW on the query and biases)
+head_weight_decay = -1.0  # weight decay of the final Linear; < 0 = the setting's (Zhai et al. 2022 decouple them)
+# system
+device = 'auto'  # 'auto', 'cuda' or 'cpu'
+dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
+compile = True  # torch.compile the encoder
+num_workers = 10  # DataLoader worker processes per GPU
+seed = 0  # the random encoder, the probes' initial weights, data order, augmentations, synthetic images
+ddp_timeout = 600  # seconds a rank waits in a collective before giving up
+CONFIG = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
+# all that train_mae.build_model and build_datasets read, besides data_dir and seed
+MODEL_KEYS = train_mae.ARCH_KEYS + ('mask_ratio', 'norm_pix_loss', 'synthetic_size', 'crop_scale')
+HEAD_DIM = 64
+
+
+# -----------------------------------------------------------------------------
+# the probes
+
+class AttentiveProbes(nn.Module):
+    """P attentive probes, stacked. Each is a learned query token that
+    cross-attends (heads of dim 64) to the patch tokens through key and value
+    projections, then one Linear to the classes; no non-linearity. The query is
+    learned directly per head (a query token times a learned W_q is no more
+    general), and the tokens already leave the encoder through its final norm,
+    so the probe adds none. All P start from the same weights: the sweep
+    compares settings, not initialisations, and a probe trains the same in the
+    sweep as alone."""
+
+    def __init__(self, num_probes, dim, num_classes, seed=0):
+        super().__init__()
+        self.heads = max(1, dim // HEAD_DIM)
+        inner = self.heads * HEAD_DIM
+        g = torch.Generator().manual_seed(seed)
+        # a small query attends almost uniformly at first (mean pooling); a small head starts near chance
+        one = dict(query=torch.randn(self.heads, HEAD_DIM, generator=g) * 0.02,
+                   wk=xavier_uniform(inner, dim, g), wv=xavier_uniform(inner, dim, g), bv=torch.zeros(inner),
+                   head_w=torch.randn(num_classes, inner, generator=g) * 0.01, head_b=torch.zeros(num_classes))
+        for name, t in one.items():  # matrices are [P, out, in], like nn.Linear's weight
+            setattr(self, name, nn.Parameter(t.expand(num_probes, *t.shape).clone()))
+
+    def forward(self, x):  # x [N, L, D] patch tokens -> logits [P, N, classes]
+        P, H = self.query.shape[:2]
+        wk, wv = self.wk.view(P, H, HEAD_DIM, -1), self.wv.view(P, H, HEAD_DIM, -1)
+        # With a single query, q . (Wk x) = (Wk^T q) . x: fold the query into Wk once
+        # instead of projecting all N*L tokens to keys for each of the P probes (64x
+        # fewer FLOPs). A key bias would add one constant to all of a query's
+        # logits, which softmax cancels, so the key projection has none.
+        qk = torch.einsum('phe,phed->phd', self.query, wk) / math.sqrt(HEAD_DIM)  # [P, H, D]
+        attn = torch.einsum('phd,nld->pnhl', qk, x).softmax(dim=-1)  # [P, N, H, L]
+        # Likewise pool the tokens, then project once: the weights sum to 1, so
+        # sum_l a_l (Wv x_l + bv) = Wv (sum_l a_l x_l) + bv.
+        pooled = torch.einsum('pnhl,nld->pnhd', attn, x)  # [P, N, H, D]
+        out = torch.einsum('pnhd,phed->pnhe', pooled, wv).flatten(2) + self.bv[:, None]  # [P, N, H*64]
+        return torch.baddbmm(self.head_b[:, None], out, self.head_w.mT)
+
+
+def xavier_uniform(fan_out, fan_in, generator):
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    return (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
+
+
+def adamw_update(p, state, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+    """torch.optim.AdamW's step for each of the P probes stacked in p [P, ...],
+    with per-probe lr and wd [P]."""
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    state['step'] += 1
+    m, v, g, t = state['exp_avg'], state['exp_avg_sq'], p.grad, state['step']
+    lr, wd = lr.view(-1, *[1] * (p.ndim - 1)), wd.view(-1, *[1] * (p.ndim - 1))
+    p.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    denom = v.sqrt() / math.sqrt(1 - betas[1] ** t) + eps
+    p.sub_(lr / (1 - betas[0] ** t) * m / denom)
+
+
+def muon_update(p, state, lr, wd, momentum=0.95, ns_steps=5, adjust_lr_fn='match_rms_adamw'):
+    """muon.Muon's step (Nesterov) for each of the P matrices stacked in p [P, A, B],
+    with per-probe lr and wd [P]: one batched Newton-Schulz call for all probes.
+    match_rms_adamw gives Muon AdamW's update size, so one lr grid serves both.
+    Note: a probe's key and value gradients have low rank (at most heads, and at
+    most classes), and Newton-Schulz in bf16 lifts the missing directions' rounding
+    noise to full size, as torch.optim.Muon does. So a Muon probe in the sweep
+    and the same probe alone agree in distribution, not to rounding as AdamW's do."""
+    if not state:
+        state['momentum_buffer'] = torch.zeros_like(p)
+    buf = state['momentum_buffer']
+    buf.lerp_(p.grad, 1 - momentum)
+    update = zeropower_via_newtonschulz5(p.grad.lerp(buf, momentum), ns_steps)
+    lr, wd = lr.view(-1, 1, 1), wd.view(-1, 1, 1)
+    p.mul_(1 - lr * wd)
+    p.sub_(lr * adjusted_lr(1.0, adjust_lr_fn, p.shape[1:]) * update.to(p.dtype))
+
+
+class ProbeOptimizer:
+    """Steps all probes at once; lr and weight decay are vectors [P], one value
+    per probe. kind='muon' puts the matrices on Muon, the query and biases stay
+    on AdamW. Weight decay on the matrices only (as train_mae.param_groups);
+    head_wd is the final Linear's."""
+
+    def __init__(self, probes, wd, head_wd, kind):
+        matrix = muon_update if kind == 'muon' else adamw_update
+        no_decay = torch.zeros_like(wd)
+        self.rules = [(probes.query, no_decay, adamw_update), (probes.wk, wd, matrix), (probes.wv, wd, matrix),
+                      (probes.bv, no_decay, adamw_update), (probes.head_w, head_wd, matrix),
+                      (probes.head_b, no_decay, adamw_update)]
+        self.states = [{} for _ in self.rules]
+
+    @torch.no_grad()
+    def step(self, lr):
+        for (p, wd, update), state in zip(self.rules, self.states):
+            update(p, state, lr, wd)
+
+
+# -----------------------------------------------------------------------------
+# config and checkpoint
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ConfigError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
+        raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
+    return ckpt
+
+
+def load_config(argv):
+    """Returns (config namespace, checkpoint dict or None)."""
+    defaults = {**CONFIG, **{k: train_mae.CONFIG[k] for k in MODEL_KEYS}}
+    c = train_mae.configure(argv, defaults)
+    ckpt = None
+    if c['ckpt']:
+        ckpt = load_checkpoint(c['ckpt'])
+        # once more with the checkpoint's values as defaults: a key the user did
+        # not set takes the checkpoint's, one the user set is checked against it
+        c = train_mae.configure(argv, {**defaults, **{k: ckpt['config'][k] for k in MODEL_KEYS}})
+        c['data_dir'] = c['data_dir'] or ckpt['config']['data_dir']
+    c = SimpleNamespace(**c)
+    if ckpt is not None:
+        train_mae.check_resume(c, ckpt)  # "--enc_dim=128 does not match the checkpoint's 384"
+    c.out_dir = c.out_dir or (os.path.dirname(c.ckpt) if c.ckpt else os.path.join('out', 'probe'))
+    train_mae.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
+    if c.probe_optimizer not in ('adamw', 'muon'):
+        raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
+    if not c.lrs or not c.wds or min(c.lrs) <= 0 or min(c.wds) < 0:
+        raise ConfigError(f"--lrs={c.lrs} --wds={c.wds}: need one or more of each, lrs > 0 and wds >= 0")
+    if c.epochs < 1 or not 0 <= c.warmup_epochs <= c.epochs:
+        raise ConfigError(f"--epochs={c.epochs} --warmup_epochs={c.warmup_epochs}: need epochs >= 1 and "
+                          f"0 <= warmup_epochs <= epochs")
+    return c, ckpt
+
+
+# -----------------------------------------------------------------------------
+# the sweep
+
+def main(argv):
+    c, ckpt = load_config(argv)
+    ddp, rank, local_rank, world, dev, autocast = train_mae.setup(c)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if c.batch_size % world:
+        raise ConfigError(f"--batch_size={c.batch_size} is not divisible by {world} processes")
+    micro = c.batch_size // world  # no accumulation: one step = one global batch split across ranks
+
+    torch.manual_seed(c.seed)  # the random encoder: the same on every rank
+    model = train_mae.build_model(c)
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+    del ckpt
+    model = model.to(dev).eval().requires_grad_(False)
+    features = torch.compile(model.forward_features) if c.compile else model.forward_features
+
+    train_set, val_set = train_mae.build_datasets(c, num_patches=0)  # RandomResizedCrop + flip; centre crops
+    steps_per_epoch = len(train_set) // c.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
+    total, warmup = c.epochs * steps_per_epoch, c.warmup_epochs * steps_per_epoch
+    results_path = os.path.join(c.out_dir, 'probe_results.json')
+    if master:  # fail now, not after the sweep
+        try:
+            os.makedirs(c.out_dir, exist_ok=True)
+            open(os.path.join(c.out_dir, '.write_test'), 'w').close()
+            os.remove(os.path.join(c.out_dir, '.write_test'))
+        except OSError as e:
+            raise ConfigError(f"--out_dir={c.out_dir!r} is not writable: {e}")
+    pin = dev.startswith('cuda')
+    train_loader = train_mae.make_loader(train_set, train_mae.TrainBatches(
+        len(train_set), c.batch_size, micro, rank, world, c.seed, 0, total), c.num_workers, pin)
+    val_loader = train_mae.make_loader(val_set, train_mae.val_batches(len(val_set), micro, rank, world),
+                                       c.num_workers, pin)
+
+    grid = [(lr, wd) for lr in c.lrs for wd in c.wds]
+    P = len(grid)
+    classes = train_set.source.classes
+    probes = AttentiveProbes(P, c.enc_dim, len(classes), c.seed).to(dev)
+    peak_lr = torch.tensor([lr for lr, _ in grid], device=dev)  # one value per probe
+    decay = torch.tensor([wd for _, wd in grid], device=dev)
+    head_decay = decay if c.head_weight_decay < 0 else torch.full_like(decay, c.head_weight_decay)
+    optimizer = ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
+    log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
+        f"{P} probes ({len(c.lrs)} lrs x {len(c.wds)} wds), {total} steps of {c.batch_size} images, "
+        f"{world} process(es), encoder {'from ' + c.ckpt if c.ckpt else 'random'}")
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, disable=not master, dynamic_ncols=True)
+    epoch_loss = torch.zeros(P, device=dev)
+    for step, (imgs, labels, _, _) in enumerate(train_loader):
+        with torch.no_grad(), autocast:
+            x = features(train_mae.to_device(imgs, dev))  # [n, L, D], shared by all probes
+        labels = labels.to(dev, non_blocking=True)
+        with autocast:
+            logits = probes(x)  # [P, n, classes]
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(P), reduction='none').view(P, -1).mean(1)
+        losses.sum().backward()  # a sum: each probe gets the gradient of its own loss
+        if ddp:  # average over ranks; the probes are too small for DDP's bucketing to matter
+            for p in probes.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        optimizer.step(peak_lr * train_mae.lr_factor(step, total, warmup, 'cosine', 0.0))
+        probes.zero_grad(set_to_none=True)
+        epoch_loss += losses.detach()
+        bar.update(1)
+        if (step + 1) % steps_per_epoch == 0:
+            best_loss = epoch_loss.min().item() / steps_per_epoch  # this rank's, over the epoch
+            bar.set_postfix(epoch=(step + 1) // steps_per_epoch, best_loss=f"{best_loss:.3f}")
+            epoch_loss.zero_()
+    bar.close()
+
+    correct = torch.zeros(P, device=dev, dtype=torch.long)
+    with torch.no_grad(), autocast:
+        for imgs, labels, _, _ in val_loader:
+            logits = probes(features(train_mae.to_device(imgs, dev)))
+            correct += (logits.argmax(-1) == labels.to(dev)).sum(1)
+    if ddp:
+        dist.all_reduce(correct)
+        dist.destroy_process_group()
+    top1 = (correct.double() / len(val_set)).tolist()
+    results = [dict(lr=lr, weight_decay=wd, top1=acc) for (lr, wd), acc in zip(grid, top1)]
+    out = dict(results=results, best=max(results, key=lambda r: r['top1']))
+    if master:
+        with open(results_path, 'w') as f:
+            json.dump(out, f, indent=1)
+        log(f"top-1 on {len(val_set):,} val images; rows: lr, columns: weight decay")
+        log(' ' * 9 + ''.join(f"{wd:>9g}" for wd in c.wds))
+        for i, lr in enumerate(c.lrs):
+            log(f"{lr:<9g}" + ''.join(f"{acc:>9.4f}" for acc in top1[i * len(c.wds):(i + 1) * len(c.wds)]))
+        best = out['best']
+        log(f"best: lr={best['lr']:g} weight_decay={best['weight_decay']:g} top-1 {best['top1']:.4f} "
+            f"-> {results_path}")
+    return out
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
