@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -9,10 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import bench  # noqa: E402
-import train_mae  # noqa: E402
+import bench
+import train_mae
+from conftest import run
 
 TINY_MODEL = dict(img_size=32, patch_size=8, enc_dim=64, enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=1, dec_heads=2)
 
@@ -22,9 +18,7 @@ def test_bench_prints_every_bench_as_json(tmp_path):
                 loader_images=24, loader_batches=2, loader_workers=(0, 1), bench_dir=str(tmp_path), num_workers=0,
                 synthetic_size=(64, 32), probe_batch_size=32, probe_epochs=1)
     argv = [f"--{k}={v}" for k, v in keys.items()]
-    out = subprocess.run([sys.executable, 'bench.py', '--device=cpu', *argv], cwd=ROOT, capture_output=True, text=True,
-                         timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run(['bench.py', '--device=cpu', *argv], timeout=240)
     records = [json.loads(line) for line in out.stdout.splitlines()]  # every line is one JSON object
     by_name = {}
     for r in records:

@@ -1,0 +1,298 @@
+"""Benchmarks: one JSON object per line, each with a `name`.
+
+    python bench.py                                   # all four
+    python bench.py --only=train --compile=False      # one, with train_mae.py's keys
+    python bench.py --only=loader --loader_workers=(1,2,4,8)
+
+train        one training step of train_mae's model and optimizers on synthetic tensors:
+             imgs_per_sec, mfu (analytic FLOPs / the GPU's bf16 dense peak), peak_mem_gb
+muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random gradients
+loader       images/s of the real JPEG pipeline per DataLoader worker count, and PIL decode alone
+probe_sweep  probe.py's 30-setting lr x wd sweep vs a single setting
+
+Every train_mae.py key works here too (the model, optimizer, micro_batch_size, compile,
+dtype, device, ...); the defaults are its ViT-S/16 recipe. On CPU the benches shrink to
+seconds (CPU_DEFAULTS), and keys given on the command line still win.
+"""
+import contextlib
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train_mae
+from muon import Muon
+
+# -----------------------------------------------------------------------------
+# config: these keys plus all of train_mae.py's
+only = ''  # run one bench: 'train', 'muon_step', 'loader' or 'probe_sweep'; '' runs them all
+# train
+iters = 10  # timed optimizer steps of batch_size images (the median counts), as train_mae's: with accumulation
+warmup_iters = 3  # untimed steps first: compilation, allocator warm-up
+peak_flops = 0.0  # the device's bf16 dense FLOP/s for mfu; 0 looks the GPU up in PEAK_FLOPS (CPU: mfu is null)
+# muon_step
+muon_iters = 10  # timed steps of each optimizer, after one untimed (the median counts)
+# loader
+loader_images = 512  # generated JPEGs, 500x375 at quality 90 (~90 KB, like ImageNet's)
+loader_batches = 20  # timed micro-batches per worker count, after each worker's first
+loader_workers = ()  # DataLoader worker counts; () = 1, 2, 4, ... up to the CPU count
+bench_dir = ''  # where the JPEGs are written once and reused; '' = a temporary folder
+# probe_sweep (on probe.py's built-in synthetic data, with a random encoder of the model keys)
+probe_epochs = 1
+probe_batch_size = 256
+BENCH_CONFIG = {k: v for k, v in globals().items()
+                if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
+DEFAULTS = {**train_mae.CONFIG, **BENCH_CONFIG}
+
+# On CPU (2 cores is the reference machine) each bench is cut to seconds: train and
+# probe_sweep take the quickstart model; muon_step keeps ViT-S/16's matrices.
+SMALL_MODEL = dict(img_size=64, patch_size=8, enc_dim=128, enc_depth=6, enc_heads=4,
+                   dec_dim=128, dec_depth=2, dec_heads=4)
+CPU_DEFAULTS = {
+    'train': dict(SMALL_MODEL, batch_size=64, micro_batch_size=64, compile=False, iters=10, warmup_iters=3),
+    'muon_step': dict(muon_iters=3),
+    'loader': dict(micro_batch_size=32, loader_images=256, loader_batches=8),
+    'probe_sweep': dict(SMALL_MODEL, synthetic_size=(1024, 256), probe_batch_size=128, compile=False, num_workers=1),
+}
+
+# bf16 dense tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name (first match)
+PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('B200', 2.25e15), ('A100', 312e12))
+
+
+def bench_config(name, argv):
+    """The config of bench `name`: the defaults, then CPU_DEFAULTS[name] on CPU, then argv."""
+    c = train_mae.configure(argv, DEFAULTS)
+    on_cpu = c['device'] == 'cpu' or (c['device'] == 'auto' and not torch.cuda.is_available())
+    return SimpleNamespace(**train_mae.configure(argv, {**DEFAULTS, **(CPU_DEFAULTS[name] if on_cpu else {})}))
+
+
+def mae_flops_per_image(c):
+    """Training FLOPs per image of the MAE of config c: 3x the forward (the backward
+    does two matmuls per forward matmul), counting the matmuls (a multiply-add is 2
+    FLOPs) and attention's q @ k^T and attn @ v; norms, activations, softmax and the
+    loss are left out. As in MAE.forward, the encoder sees the visible tokens, the
+    decoder all of them, and the pixel head only the masked ones."""
+    L = (c.img_size // c.patch_size) ** 2
+    keep = int(L * (1 - c.mask_ratio))  # as random_masking
+    pixels = 3 * c.patch_size ** 2
+
+    def blocks(depth, dim, T):
+        hidden = int(2 / 3 * c.mlp_ratio * dim) if c.swiglu else int(c.mlp_ratio * dim)
+        weights = 4 * dim * dim + (3 if c.swiglu else 2) * dim * hidden  # qkv and proj, then the FFN
+        return depth * (2 * T * weights + 2 * 2 * T * T * dim)
+
+    if c.stem == 'conv':  # ConvStem's 3x3 stride-2 convs on each patch, widths doubling to enc_dim, then a 1x1
+        n = int(math.log2(c.patch_size))
+        widths = [3] + [c.enc_dim // 2 ** (n - 1 - i) for i in range(n)]
+        macs = sum(9 * a * b * (c.patch_size >> (i + 1)) ** 2 for i, (a, b) in enumerate(zip(widths, widths[1:])))
+        stem = 2 * L * (macs + c.enc_dim ** 2)
+    else:
+        stem = 2 * L * pixels * c.enc_dim
+    forward = (stem + blocks(c.enc_depth, c.enc_dim, keep)
+               + 2 * keep * c.enc_dim * c.dec_dim  # decoder_embed
+               + blocks(c.dec_depth, c.dec_dim, L)
+               + 2 * (L - keep) * c.dec_dim * pixels)  # decoder_pred
+    return 3 * forward
+
+
+def synchronize(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize(dev)
+
+
+def seconds(fn, dev):
+    """Wall time of one call of fn, with the device's queue drained before and after.
+    The benches report medians of these: a stall on a shared machine moves a mean a lot."""
+    synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def device_name(dev):
+    return torch.cuda.get_device_name(dev) if dev.startswith('cuda') else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def gpu_peak_flops(dev):
+    name = torch.cuda.get_device_name(dev) if dev.startswith('cuda') else ''
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def model_name(c):
+    return f"enc {c.enc_dim}x{c.enc_depth}, dec {c.dec_dim}x{c.dec_depth}, {c.img_size}px/{c.patch_size}"
+
+
+# -----------------------------------------------------------------------------
+# the benches: each yields its JSON records
+
+def bench_train(c):
+    _, _, _, _, dev, autocast = train_mae.setup(c)
+    if c.batch_size % c.micro_batch_size:
+        raise train_mae.ConfigError(f"--batch_size={c.batch_size} is not divisible by "
+                                    f"--micro_batch_size={c.micro_batch_size}")
+    accum = c.batch_size // c.micro_batch_size
+    torch.manual_seed(c.seed)
+    model = train_mae.build_model(c).to(dev)
+    optimizers = train_mae.build_optimizers(model, c, dev.split(':')[0], log=lambda *a: None)
+    train_model = torch.compile(model) if c.compile else model
+    # synthetic tensors already on the device: the model step alone (the loader has its own bench)
+    imgs = torch.randn(c.micro_batch_size, 3, c.img_size, c.img_size, device=dev)
+    noise = torch.rand(c.micro_batch_size, model.num_patches, device=dev)
+
+    def train_step():  # as train_mae's loop, one process
+        for _ in range(accum):
+            with autocast:
+                loss, _, _ = train_model(imgs, noise)
+            (loss / accum).backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(c.warmup_iters):
+        train_step()
+    synchronize(dev)
+    warmup_s = time.perf_counter() - t0  # with compile: mostly compilation
+    if dev.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats(dev)
+    imgs_per_sec = c.batch_size / statistics.median([seconds(train_step, dev) for _ in range(c.iters)])
+    if dev.startswith('cuda'):
+        peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9
+    else:  # the process's peak resident memory (Linux reports kB)
+        peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    flops = mae_flops_per_image(c)
+    peak = c.peak_flops or gpu_peak_flops(dev)
+    dtype = c.dtype if c.dtype != 'auto' else 'bfloat16' if dev.startswith('cuda') else 'float32'  # as setup's
+    yield dict(name='train', imgs_per_sec=imgs_per_sec, mfu=flops * imgs_per_sec / peak if peak else None,
+               peak_mem_gb=peak_mem_gb, device=device_name(dev), model=model_name(c), gflop_per_img=flops / 1e9,
+               tflops=flops * imgs_per_sec / 1e12, warmup_s=warmup_s, batch_size=c.batch_size,
+               micro_batch_size=c.micro_batch_size, compile=c.compile, dtype=dtype, optimizer=c.optimizer,
+               data='synthetic tensors')
+
+
+def bench_muon_step(c):
+    _, _, _, _, dev, _ = train_mae.setup(c)
+    model = train_mae.build_model(c).to(dev)
+    # the Muon group of build_optimizers(optimizer='muon'): every nn.Linear weight, all 2D
+    params = [p for _, p in train_mae.param_groups(model, SimpleNamespace(**{**vars(c), 'optimizer': 'muon'}))['muon']]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    kwargs = dict(lr=c.lr, weight_decay=c.muon_weight_decay, momentum=c.muon_momentum, nesterov=c.muon_nesterov,
+                  ns_steps=c.muon_ns_steps, adjust_lr_fn=c.muon_adjust_lr)
+    optimizers = dict(ours=Muon(params, **kwargs), torch=torch.optim.Muon(params, **kwargs))
+    for opt in optimizers.values():
+        opt.step()  # untimed: creates the momentum buffers
+    times = {key: [] for key in optimizers}
+    for _ in range(c.muon_iters):  # alternate, so a busy machine slows both alike
+        for key, opt in optimizers.items():
+            times[key].append(seconds(opt.step, dev))
+    ours_ms, torch_ms = (1000 * statistics.median(times[key]) for key in ('ours', 'torch'))
+    yield dict(name='muon_step', ours_ms=ours_ms, torch_ms=torch_ms, speedup=torch_ms / ours_ms,
+               device=device_name(dev), model=model_name(c), matrices=len(params),
+               params=sum(p.numel() for p in params))
+
+
+def make_jpegs(folder, n, seed=0):
+    """n JPEGs of 500x375 at quality 90 in 10 class folders, written once. Noise at four
+    scales, from blobs to grain, so the files are ~90 KB (ImageNet's average is ~110 KB)
+    and take as long to decode as photos."""
+    W, H = 500, 375
+    for i in range(n):
+        path = os.path.join(folder, f"class{i % 10}", f"{i:06d}.jpg")
+        if os.path.exists(path):
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        rng = np.random.default_rng([seed, i])
+        img = np.full((H, W, 3), 128, np.float32)
+        for cells, amplitude in ((8, 90), (32, 40), (128, 25), (W, 12)):
+            low = rng.normal(0, amplitude, (3, cells * H // W, cells)).astype(np.float32)
+            img += np.stack([np.asarray(Image.fromarray(ch).resize((W, H), Image.BICUBIC)) for ch in low], axis=-1)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def bench_loader(c):
+    with contextlib.ExitStack() as stack:
+        folder = c.bench_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix='nanomae_bench_'))
+        make_jpegs(folder, c.loader_images, c.seed)
+        source = train_mae.ImageFolder(folder)
+        n = len(source)
+        # one process, PIL's full-size decode alone: the per-core ceiling of JPEG decoding
+        t0 = time.perf_counter()
+        for path, _ in source.samples[:min(n, 100)]:
+            Image.open(path).convert('RGB')
+        yield dict(name='loader', stage='PIL decode alone', workers=0,
+                   imgs_per_sec=min(n, 100) / (time.perf_counter() - t0))
+        # the training pipeline: crop, resize, flip and mask noise in DataLoader workers
+        num_patches = (c.img_size // c.patch_size) ** 2
+        dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale)
+        mb = c.micro_batch_size
+        if n < mb:
+            raise train_mae.ConfigError(f"--loader_images={n} is fewer than --micro_batch_size={mb}")
+        cpus = os.cpu_count()
+        workers = c.loader_workers or tuple(2 ** k for k in range(int(math.log2(cpus)) + 1))
+        for w in workers:
+            first = max(1, w)  # every worker's first batch arrives at about the same time: not timed
+            sampler = train_mae.TrainBatches(n, mb, mb, 0, 1, c.seed, 0, first + c.loader_batches)
+            loader = train_mae.make_loader(dataset, sampler, w, pin=False)
+            batches = iter(loader)
+            for _ in range(first):
+                next(batches)
+            t0 = time.perf_counter()
+            for _ in batches:
+                pass
+            yield dict(name='loader', stage='MAEDataset train pipeline', workers=w,
+                       imgs_per_sec=c.loader_batches * mb / (time.perf_counter() - t0),
+                       img_size=c.img_size, micro_batch_size=mb, cpus=cpus)
+            del batches, loader  # stops the persistent workers
+
+
+def bench_probe_sweep(c):
+    import probe  # written alongside; only this bench needs it
+    with tempfile.TemporaryDirectory(prefix='nanomae_probe_') as out_dir:
+        keys = probe.MODEL_KEYS + ('device', 'dtype', 'compile', 'num_workers', 'seed')
+        argv = [f"--{k}={getattr(c, k)!r}" for k in keys]
+        argv += ["--ckpt=", "--data_dir=synthetic", f"--out_dir={out_dir}", f"--epochs={c.probe_epochs}",
+                 f"--batch_size={c.probe_batch_size}"]
+
+        def run(extra):
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
+                results = probe.main(argv + extra)
+            return time.perf_counter() - t0, len(results['results'])
+
+        sweep_s, configs = run([])  # probe.py's default grid: the blog's 10 lrs x 3 wds
+        single_s, _ = run(['--lrs=(1e-3,)', '--wds=(0.05,)'])
+    yield dict(name='probe_sweep', configs=configs, sweep_s=sweep_s, single_s=single_s, model=model_name(c),
+               images=c.synthetic_size[0], epochs=c.probe_epochs)
+
+
+BENCHES = dict(train=bench_train, muon_step=bench_muon_step, loader=bench_loader, probe_sweep=bench_probe_sweep)
+
+
+def emit(record):
+    """One JSON line; floats to 4 significant digits."""
+    record = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
+    print(json.dumps(record), flush=True)
+
+
+def main(argv):
+    name = train_mae.configure(argv, DEFAULTS)['only']
+    if name and name not in BENCHES:
+        raise train_mae.ConfigError(f"--only={name!r}: must be one of {', '.join(BENCHES)}")
+    for bench in [name] if name else BENCHES:
+        for record in BENCHES[bench](bench_config(bench, argv)):
+            emit(record)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
