@@ -9,6 +9,7 @@ train        one training step of train_mae's model and optimizers on synthetic 
 muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random gradients
 loader       images/s of the real JPEG pipeline per DataLoader worker count, and PIL decode alone
 probe_sweep  probe.py's 30-setting lr x wd sweep vs a single setting
+optim_state  optimizer-state bytes per parameter, per optimizer and state_dtype
 
 Every train_mae.py key works here too (the model, optimizer, micro_batch_size, compile,
 dtype, device, ...); the defaults are its ViT-S/16 recipe. On CPU the benches shrink to
@@ -34,7 +35,7 @@ from muon import Muon
 
 # -----------------------------------------------------------------------------
 # config: these keys plus all of train_mae.py's
-only = ''  # run one bench: 'train', 'muon_step', 'loader' or 'probe_sweep'; '' runs them all
+only = ''  # run one bench: 'train', 'muon_step', 'loader', 'probe_sweep' or 'optim_state'; '' runs them all
 # train
 iters = 10  # timed optimizer steps of batch_size images (the median counts), as train_mae's: with accumulation
 warmup_iters = 3  # untimed steps first: compilation, allocator warm-up
@@ -61,6 +62,7 @@ CPU_DEFAULTS = {
     'train': dict(SMALL_MODEL, batch_size=64, micro_batch_size=64, compile=False, iters=10, warmup_iters=3),
     'muon_step': dict(muon_iters=3),
     'loader': dict(micro_batch_size=32, loader_images=256, loader_batches=8),
+    'optim_state': dict(),
     'probe_sweep': dict(SMALL_MODEL, synthetic_size=(1024, 256), probe_batch_size=128, compile=False, num_workers=1),
 }
 
@@ -276,7 +278,27 @@ def bench_probe_sweep(c):
                images=c.synthetic_size[0], epochs=c.probe_epochs)
 
 
-BENCHES = dict(train=bench_train, muon_step=bench_muon_step, loader=bench_loader, probe_sweep=bench_probe_sweep)
+def bench_optim_state(c):
+    """Optimizer-state bytes per model parameter after one step, for each optimizer and
+    state_dtype (Zhai et al.'s bf16 first moment / Muon momentum), measured on the states."""
+    model = train_mae.build_model(c)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    n = sum(p.numel() for p in model.parameters())
+    for optimizer in ('adamw', 'muon', 'lamb'):
+        for state_dtype in ('float32', 'bfloat16'):
+            oc = SimpleNamespace(**{**vars(c), 'optimizer': optimizer, 'state_dtype': state_dtype})
+            optimizers = train_mae.build_optimizers(model, oc, 'cpu', log=lambda *a: None)
+            for opt in optimizers:
+                opt.step()
+            nbytes = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
+                         for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
+            yield dict(name='optim_state', optimizer=optimizer, state_dtype=state_dtype,
+                       bytes_per_param=nbytes / n, model=model_name(c))
+
+
+BENCHES = dict(train=bench_train, muon_step=bench_muon_step, loader=bench_loader, probe_sweep=bench_probe_sweep,
+               optim_state=bench_optim_state)
 
 
 def emit(record):

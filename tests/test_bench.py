@@ -23,7 +23,11 @@ def test_bench_prints_every_bench_as_json(tmp_path):
     by_name = {}
     for r in records:
         by_name.setdefault(r['name'], []).append(r)
-    assert set(by_name) == {'train', 'muon_step', 'loader', 'probe_sweep'}
+    assert set(by_name) == {'train', 'muon_step', 'loader', 'probe_sweep', 'optim_state'}
+    state = {(r['optimizer'], r['state_dtype']): r['bytes_per_param'] for r in by_name['optim_state']}
+    assert state[('adamw', 'float32')] == pytest.approx(8.0)  # two fp32 moments
+    assert 4.0 < state[('muon', 'float32')] < 8.0 and state[('muon', 'bfloat16')] < state[('muon', 'float32')]
+    assert state[('lamb', 'bfloat16')] == pytest.approx(6.0)  # bf16 first moment, fp32 second
     [train] = by_name['train']
     assert train['imgs_per_sec'] > 0 and 0 < train['mfu'] < 1 and train['peak_mem_gb'] > 0
     assert train['device'].startswith('cpu')
