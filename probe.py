@@ -222,13 +222,8 @@ def main(argv):
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
     total, warmup = c.epochs * steps_per_epoch, c.warmup_epochs * steps_per_epoch
     results_path = os.path.join(c.out_dir, 'probe_results.json')
-    if master:  # fail now, not after the sweep
-        try:
-            os.makedirs(c.out_dir, exist_ok=True)
-            open(os.path.join(c.out_dir, '.write_test'), 'w').close()
-            os.remove(os.path.join(c.out_dir, '.write_test'))
-        except OSError as e:
-            raise ConfigError(f"--out_dir={c.out_dir!r} is not writable: {e}")
+    if master:
+        train_mae.make_out_dir(c.out_dir)
     pin = dev.startswith('cuda')
     train_loader = train_mae.make_loader(train_set, train_mae.TrainBatches(
         len(train_set), c.batch_size, micro, rank, world, c.seed, 0, total), c.num_workers, pin)

@@ -9,6 +9,7 @@ and the tests reuse its model and data code.
 """
 import ast
 import contextlib
+import functools
 import io
 import json
 import math
@@ -571,9 +572,16 @@ def val_batches(n, micro_batch_size, rank, world):
 def to_device(imgs, device):
     """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W] on device (the host sends bytes)."""
     imgs = imgs.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(device)
     return (imgs - mean) / std
+
+
+@functools.cache
+def imagenet_stats(device):
+    """ImageNet mean and std [1, 3, 1, 1] on device, made once: copying a new
+    tensor to a GPU waits for its queue to drain, a host sync in every step."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -701,7 +709,8 @@ def evaluate(model, loader, device, autocast):
     for imgs, _, noise, _ in loader:
         with autocast:
             loss, _, _ = model(to_device(imgs, device), noise.to(device))
-        total += torch.stack([loss.double() * len(imgs), torch.tensor(len(imgs), device=device, dtype=torch.float64)])
+        total[0] += loss.double() * len(imgs)
+        total[1] += len(imgs)
     if dist.is_initialized():
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -718,15 +727,24 @@ def save_reconstructions(model, dataset, path, device, n=8):
     if model.norm_pix_loss:  # predictions are per-patch normalised: show them with each patch's own mean and std
         patches = torch.gather(target, 1, idx)
         pred = pred.float() * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
-    masked = target.scatter(1, idx, torch.full_like(pred, -2.0, dtype=target.dtype))  # dark grey
+    masked = target.scatter(1, idx, torch.full_like(pred, -2.0, dtype=target.dtype))  # near black
     recon = target.scatter(1, idx, pred.to(target.dtype))
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = imagenet_stats(device)
     rows = [torch.cat([x, model.unpatchify(masked), model.unpatchify(recon)], dim=3) * std + mean]
     grid = torch.cat(rows[0].unbind(0), dim=1)  # [3, n*H, 3*W]
     img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
     scale = max(1, 128 // x.size(-1))  # small images: blow up to >= 128 px each, pixels kept sharp
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def make_out_dir(out_dir):
+    """Create out_dir and check it is writable: fail now, not after hours of work."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(os.path.join(out_dir, '.write_test'), 'w').close()
+        os.remove(os.path.join(out_dir, '.write_test'))
+    except OSError as e:
+        raise ConfigError(f"--out_dir={out_dir!r} is not writable: {e}")
 
 
 def check_resume(c, ckpt):
@@ -784,12 +802,7 @@ def main(argv):
     elif os.path.exists(ckpt_path):
         log(f"warning: --init_from=scratch: {ckpt_path} will be overwritten at the first evaluation")
     if master:
-        try:
-            os.makedirs(c.out_dir, exist_ok=True)
-            open(os.path.join(c.out_dir, '.write_test'), 'w').close()
-            os.remove(os.path.join(c.out_dir, '.write_test'))
-        except OSError as e:
-            raise ConfigError(f"--out_dir={c.out_dir!r} is not writable: {e}")
+        make_out_dir(c.out_dir)
 
     torch.manual_seed(c.seed)  # the same initial weights on every rank
     model = build_model(c).to(dev)
