@@ -6,7 +6,8 @@
 
 train        one training step of train_mae's model and optimizers on synthetic tensors:
              imgs_per_sec, mfu (analytic FLOPs / the GPU's bf16 dense peak), peak_mem_gb
-muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random gradients
+muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random gradients; under
+             `torchrun --nproc_per_node=N bench.py --only=muon_step`, per rank with the work split N ways
 loader       images/s of the real JPEG pipeline per DataLoader worker count, and PIL decode alone
 probe_sweep  probe.py's 30-setting lr x wd sweep vs a single setting
 optim_state  optimizer-state bytes per parameter, per optimizer and state_dtype
@@ -28,6 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import train_mae
@@ -184,6 +186,7 @@ def bench_train(c):
 
 def bench_muon_step(c):
     _, _, _, _, dev, _ = train_mae.setup(c)
+    torch.manual_seed(c.seed)  # the same gradients on every rank, as after DDP's all-reduce
     model = train_mae.build_model(c).to(dev)
     # the Muon group of build_optimizers(optimizer='muon'): every nn.Linear weight, all 2D
     params = [p for _, p in train_mae.param_groups(model, SimpleNamespace(**{**vars(c), 'optimizer': 'muon'}))['muon']]
@@ -199,9 +202,10 @@ def bench_muon_step(c):
         for key, opt in optimizers.items():
             times[key].append(seconds(opt.step, dev))
     ours_ms, torch_ms = (1000 * statistics.median(times[key]) for key in ('ours', 'torch'))
+    # under torchrun, ours splits the Newton-Schulz work across the `world` ranks; torch's does it all on each
     yield dict(name='muon_step', ours_ms=ours_ms, torch_ms=torch_ms, speedup=torch_ms / ours_ms,
                device=device_name(dev), model=model_name(c), matrices=len(params),
-               params=sum(p.numel() for p in params))
+               params=sum(p.numel() for p in params), world=dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def make_jpegs(folder, n, seed=0):
@@ -311,9 +315,14 @@ def main(argv):
     name = train_mae.configure(argv, DEFAULTS)['only']
     if name and name not in BENCHES:
         raise train_mae.ConfigError(f"--only={name!r}: must be one of {', '.join(BENCHES)}")
+    if 'RANK' in os.environ and name != 'muon_step':
+        raise train_mae.ConfigError("under torchrun only --only=muon_step runs (distributed Muon)")
     for bench in [name] if name else BENCHES:
         for record in BENCHES[bench](bench_config(bench, argv)):
-            emit(record)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                emit(record)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -63,3 +63,12 @@ def test_vit_s16_is_29_gflop_per_image():
     # the blog's ViT-S/16: 224 px, mask 0.6, decoder 384 x 8 (train_mae's defaults)
     c = SimpleNamespace(**train_mae.CONFIG)
     assert bench.mae_flops_per_image(c) == pytest.approx(28.96e9, rel=0.005)
+
+
+def test_bench_muon_step_under_torchrun_reports_once_with_the_world_size():
+    argv = [f"--{k}={v}" for k, v in TINY_MODEL.items()] + ['--only=muon_step', '--muon_iters=2', '--device=cpu']
+    out = run(['bench.py', *argv], torchrun=2, timeout=120)
+    [record] = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]  # rank 0 only
+    assert record['name'] == 'muon_step' and record['world'] == 2 and record['ours_ms'] > 0
+    refused = run(['bench.py', *argv[:-3], '--only=train', '--device=cpu'], torchrun=2, check=False, timeout=120)
+    assert refused.returncode != 0 and 'only --only=muon_step' in refused.stderr
