@@ -322,7 +322,7 @@ def main(argv):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 emit(record)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        train_mae.shutdown_distributed()
 
 
 if __name__ == '__main__':

@@ -2,7 +2,7 @@
 
     python probe.py --ckpt=out/quickstart/ckpt.pt   # architecture and data from the checkpoint
     # the baseline: the same encoder, untrained (ckpt='' takes train_mae.py's model and data keys)
-    python probe.py --ckpt= --data_dir=synthetic --img_size=64 --patch_size=8 --enc_dim=128 --enc_depth=6 --enc_heads=4
+    python probe.py --ckpt= --data_dir=synthetic --synthetic_size='(10000,256)' --img_size=64 --patch_size=8 --enc_dim=128 --enc_depth=6 --enc_heads=4
     torchrun --standalone --nproc_per_node=8 probe.py --ckpt=out/muon/ckpt.pt
 
 The blog sweeps 10 learning rates x 3 weight decays, one probe run per setting.
@@ -274,7 +274,7 @@ def main(argv):
             correct += (logits.argmax(-1) == labels.to(dev)).sum(1)
     if ddp:
         dist.all_reduce(correct)
-        dist.destroy_process_group()
+        train_mae.shutdown_distributed()
     top1 = (correct.double() / len(val_set)).tolist()
     results = [dict(lr=lr, weight_decay=wd, top1=acc) for (lr, wd), acc in zip(grid, top1)]
     out = dict(results=results, best=max(results, key=lambda r: r['top1']))

@@ -778,6 +778,13 @@ def setup(c):
     return ddp, rank, local_rank, world, dev, autocast
 
 
+def shutdown_distributed():
+    """A barrier, then the teardown: with gloo, a rank that tears down while a peer
+    still finishes its last collective can abort that peer at exit."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv):
     c = SimpleNamespace(**configure(argv, CONFIG))
     check_config(c)
@@ -928,7 +935,7 @@ def main(argv):
             signal.signal(sig, handler)
         bar.close()
     if ddp:
-        dist.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == '__main__':

@@ -30,4 +30,5 @@ if __name__ == '__main__':
     dist.init_process_group('gloo')
     params = train(*make_params())
     torch.save(params, os.path.join(sys.argv[1], f'rank{dist.get_rank()}.pt'))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
