@@ -51,7 +51,7 @@ dec_heads = 16
 mlp_ratio = 4.0
 norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
 swiglu = False  # SwiGLU FFN with hidden 2/3 * mlp_ratio * dim: same parameter count as GELU
-bias = True  # biases in every Linear/Conv (and LayerNorm's shift)
+bias = True  # biases of every Linear/Conv layer; LayerNorm keeps its shift either way (as the blog's code)
 stem = 'patch'  # 'patch' (16x16 stride-16 conv) or 'conv' (3x3 stride-2 convs per patch, Xiao et al. 2021)
 norm_pix_loss = True  # targets are per-patch normalised pixels (MAE)
 # optimizer
@@ -180,9 +180,10 @@ def check_config(c):
 # -----------------------------------------------------------------------------
 # model: one pre-norm ViT block, used by the encoder and the decoder
 
-def make_norm(kind, dim, bias):
-    # bias=False also drops LayerNorm's shift; RMSNorm has none: it only rescales
-    return nn.LayerNorm(dim, eps=1e-6, bias=bias) if kind == 'layernorm' else nn.RMSNorm(dim, eps=1e-6)
+def make_norm(kind, dim):
+    # LayerNorm keeps its shift whatever `bias` says (as the blog's code): the
+    # blog's point is that this shift can do the Linear biases' job. RMSNorm has none.
+    return nn.LayerNorm(dim, eps=1e-6) if kind == 'layernorm' else nn.RMSNorm(dim, eps=1e-6)
 
 
 class Attention(nn.Module):
@@ -199,29 +200,36 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
+def ffn_hidden(dim, mlp_ratio, swiglu):
+    # SwiGLU has three matrices (gate, value, out) instead of two: 2/3 of the
+    # hidden width keeps the parameter count (Shazeer 2020)
+    return int(2 / 3 * mlp_ratio * dim) if swiglu else int(mlp_ratio * dim)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim, mlp_ratio, swiglu, bias):
         super().__init__()
         self.swiglu = swiglu
-        # SwiGLU has three matrices (gate, value, out) instead of two: 2/3 of the
-        # hidden width keeps the parameter count (Shazeer 2020). Gate and value are fused.
-        hidden = int(2 / 3 * mlp_ratio * dim) if swiglu else int(mlp_ratio * dim)
-        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden, bias=bias)
+        hidden = ffn_hidden(dim, mlp_ratio, swiglu)
+        if swiglu:  # gate and value are two matrices, as in the blog's code: Muon orthogonalises each alone
+            self.fc1_g = nn.Linear(dim, hidden, bias=bias)  # timm's SwiGLU names
+            self.fc1_x = nn.Linear(dim, hidden, bias=bias)
+        else:
+            self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         if self.swiglu:
-            gate, value = self.fc1(x).chunk(2, dim=-1)
-            return self.fc2(F.silu(gate) * value)
+            return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio, norm, swiglu, bias):
         super().__init__()
-        self.norm1 = make_norm(norm, dim, bias)
+        self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, heads, bias)
-        self.norm2 = make_norm(norm, dim, bias)
+        self.norm2 = make_norm(norm, dim)
         self.mlp = FeedForward(dim, mlp_ratio, swiglu, bias)
 
     def forward(self, x):
@@ -288,13 +296,13 @@ class MAE(nn.Module):
         self.patch_embed = (ConvStem if stem == 'conv' else PatchStem)(patch_size, enc_dim, bias)
         self.register_buffer('pos_embed', sincos_pos_embed(enc_dim, grid)[None], persistent=False)
         self.blocks = nn.ModuleList([block(enc_dim, enc_heads) for _ in range(enc_depth)])
-        self.norm = make_norm(norm, enc_dim, bias)
+        self.norm = make_norm(norm, enc_dim)
         # decoder
         self.decoder_embed = nn.Linear(enc_dim, dec_dim, bias=bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.register_buffer('decoder_pos_embed', sincos_pos_embed(dec_dim, grid)[None], persistent=False)
         self.decoder_blocks = nn.ModuleList([block(dec_dim, dec_heads) for _ in range(dec_depth)])
-        self.decoder_norm = make_norm(norm, dec_dim, bias)
+        self.decoder_norm = make_norm(norm, dec_dim)
         self.decoder_pred = nn.Linear(dec_dim, patch_size ** 2 * 3, bias=bias)
         self.apply(self._init_weights)
         nn.init.normal_(self.mask_token, std=0.02)

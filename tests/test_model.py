@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import train_mae as T
 
@@ -56,14 +57,32 @@ def test_swiglu_and_gelu_ffn_have_the_same_weight_count():
     assert T.FeedForward(384, 4.0, True, True).fc2.in_features == 1024  # 2/3 * 4 * 384
 
 
+def test_swiglu_is_silu_of_the_gate_times_the_value_from_two_matrices():
+    ffn = T.FeedForward(16, 4.0, True, True)
+    gate, value = ffn.fc1_g, ffn.fc1_x
+    assert isinstance(gate, nn.Linear) and isinstance(value, nn.Linear) and gate.weight is not value.weight
+    x = torch.randn(3, 5, 16)
+    direct = ffn.fc2(F.silu(x @ gate.weight.T + gate.bias) * (x @ value.weight.T + value.bias))
+    torch.testing.assert_close(ffn(x), direct)
+
+
 @pytest.mark.parametrize('stem', ['patch', 'conv'])
-def test_bias_false_leaves_no_bias(stem):
-    m = model(bias=False, stem=stem)
-    for module in m.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
-            assert module.bias is None, module
-    assert not [n for n, _ in m.named_parameters() if n.endswith('bias') and 'convs' not in n]
-    assert any(n.endswith('bias') for n, _ in model(bias=True, stem=stem).named_parameters())
+@pytest.mark.parametrize('norm', ['layernorm', 'rmsnorm'])
+def test_bias_false_removes_linear_and_conv_biases_and_keeps_the_norms_shift(stem, norm):
+    m = model(bias=False, stem=stem, norm=norm, swiglu=True)
+    layers = [mod for mod in m.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    assert layers and all(mod.bias is None for mod in layers)
+    norms = [mod for mod in m.modules() if isinstance(mod, (nn.LayerNorm, nn.RMSNorm))]
+    assert len(norms) == 2 * (2 + 2) + 2  # two per block, encoder and decoder final norms
+    if norm == 'layernorm':  # the shift stays: "no bias" is about the Linear layers (the blog's code)
+        assert all(isinstance(mod.bias, nn.Parameter) for mod in norms)
+    with_bias = model(bias=True, stem=stem, norm=norm, swiglu=True)
+    assert all(mod.bias is not None for mod in with_bias.modules() if isinstance(mod, nn.Linear))
+    # exactly the Linear/conv biases differ between the two models
+    extra = {n for n, _ in with_bias.named_parameters()} - {n for n, _ in m.named_parameters()}
+    assert extra and all(n.endswith('.bias') for n in extra)
+    # every Linear, and the stem's last conv (the conv stem's 3x3 convs have none either way: a norm follows each)
+    assert len(extra) == sum(isinstance(mod, nn.Linear) for mod in m.modules()) + 1
 
 
 @pytest.mark.parametrize('norm_pix_loss', [True, False])
