@@ -158,32 +158,20 @@ class ProbeOptimizer:
 # -----------------------------------------------------------------------------
 # config and checkpoint
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise ConfigError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
-        raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
-    return ckpt
-
-
 def load_config(argv):
     """Returns (config namespace, checkpoint dict or None)."""
     defaults = {**CONFIG, **{k: train_mae.CONFIG[k] for k in MODEL_KEYS}}
     c = train_mae.configure(argv, defaults)
     ckpt = None
     if c['ckpt']:
-        ckpt = load_checkpoint(c['ckpt'])
+        ckpt = train_mae.load_checkpoint(c['ckpt'])
         # once more with the checkpoint's values as defaults: a key the user did
         # not set takes the checkpoint's, one the user set is checked against it
         c = train_mae.configure(argv, {**defaults, **{k: ckpt['config'][k] for k in MODEL_KEYS}})
         c['data_dir'] = c['data_dir'] or ckpt['config']['data_dir']
     c = SimpleNamespace(**c)
     if ckpt is not None:
-        train_mae.check_resume(c, ckpt)  # "--enc_dim=128 does not match the checkpoint's 384"
+        train_mae.check_architecture(c, ckpt)  # "--enc_dim=128 does not match the checkpoint's 384"
     c.out_dir = c.out_dir or (os.path.dirname(c.ckpt) if c.ckpt else os.path.join('out', 'probe'))
     train_mae.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
     if c.probe_optimizer not in ('adamw', 'muon'):

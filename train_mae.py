@@ -77,6 +77,7 @@ cooldown_frac = 0.2  # wsd/rsqrt: fraction of the run spent in the linear cooldo
 # I/O and system
 out_dir = 'out'
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+resume_override = ''  # keys a resume may change anyway, comma-separated ('lr,weight_decay'); logged
 eval_interval = 1000  # optimizer steps between evaluation + checkpoint
 keep_ckpts = 0  # also keep the last K checkpoints as ckpt_<step>.pt (cooldowns from intermediate points)
 log_interval = 20  # optimizer steps between log lines (and NaN / preemption checks)
@@ -755,11 +756,82 @@ def make_out_dir(out_dir):
         raise ConfigError(f"--out_dir={out_dir!r} is not writable: {e}")
 
 
-def check_resume(c, ckpt):
-    """A checkpoint continues only the same architecture."""
+def load_checkpoint(path):
+    """A nanoMAE checkpoint, loaded with weights_only=True: tensors and plain Python
+    values only, so a shared or downloaded file cannot run code when it is read."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickle that wants to build arbitrary objects: refused, not run
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} holds more than tensors and plain values, refused (loading it could run "
+                          f"code): {first[:200]}")
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ConfigError(f"{path} is not a readable nanoMAE checkpoint ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+    if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
+        raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
+    return ckpt
+
+
+def check_architecture(c, ckpt):
+    """A checkpoint loads only into the same architecture."""
     for key in ARCH_KEYS:
         if ckpt['config'][key] != getattr(c, key):
             raise ConfigError(f"--{key}={getattr(c, key)!r} does not match the checkpoint's {ckpt['config'][key]!r}")
+
+
+# A resume continues the same run: these keys may change (they do not change which
+# images, masks, updates and learning rates the run sees), the schedule's length may
+# change only where the steps done keep their lr (a wsd/rsqrt cooldown from an
+# intermediate checkpoint), and every other key is refused unless named in
+# --resume_override (recorded in log.jsonl).
+RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_size', 'eval_interval', 'log_interval',
+               'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log', 'wandb_project',
+               'wandb_run_name')
+RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
+
+
+def check_resume(c, ckpt, train_images):
+    """Refuse a resume that would silently become another run. Returns the overridden keys."""
+    old = ckpt['config']
+    overrides = [k for k in c.resume_override.split(',') if k]
+    for key in overrides:
+        if key not in old:
+            raise ConfigError(f"--resume_override={c.resume_override}: unknown key '{key}'")
+    check_architecture(c, ckpt)
+    for key, value in old.items():
+        new = getattr(c, key)
+        if new == value or key in RESUME_FREE or key in RESUME_SCHEDULE or key in overrides:
+            continue
+        raise ConfigError(f"--{key}={new!r} differs from the checkpoint's {value!r}: a resume continues the same run "
+                          f"(start another out_dir, or --resume_override={key})")
+    if ckpt.get('train_images', train_images) != train_images and 'data_dir' not in overrides:
+        raise ConfigError(f"the training set has {train_images} images, the checkpoint's run had "
+                          f"{ckpt['train_images']}: another data set (--resume_override=data_dir to go on anyway)")
+    done = ckpt['step']
+    before, after = (run_schedule(SimpleNamespace(**cfg), train_images) for cfg in (old, vars(c)))
+    changed = [k for k in RESUME_SCHEDULE if getattr(c, k) != old[k] and k not in overrides]
+    if changed and any(before(s) != after(s) for s in range(done)):
+        key = changed[0]
+        raise ConfigError(f"--{key}={getattr(c, key)!r} (checkpoint: {old[key]!r}) changes the lr of the {done} steps "
+                          f"already done: only a wsd/rsqrt run may be shortened, to cool down from a checkpoint")
+    return {k: (old[k], getattr(c, k)) for k in overrides if old[k] != getattr(c, k)}
+
+
+def run_schedule(c, train_images):
+    """step -> lr factor of the run of config c on a training set of train_images."""
+    total, warmup = run_length(c, train_images)
+    return lambda step: lr_factor(step, total, warmup, c.schedule, c.cooldown_frac)
+
+
+def run_length(c, train_images):
+    """(total optimizer steps, warmup steps) of the run of config c."""
+    steps_per_epoch = train_images // c.batch_size
+    total = c.max_iters if c.max_iters > 0 else c.epochs * steps_per_epoch
+    warmup = round(c.warmup_epochs / c.epochs * total) if c.max_iters > 0 else c.warmup_epochs * steps_per_epoch
+    return total, warmup
 
 
 # -----------------------------------------------------------------------------
@@ -807,13 +879,7 @@ def main(argv):
 
     ckpt = None
     if c.init_from == 'resume':
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"--init_from=resume but {ckpt_path} does not exist")
-        try:
-            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-            check_resume(c, ckpt)
-        except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
-            raise ConfigError(f"{ckpt_path} is not a readable nanoMAE checkpoint ({type(e).__name__}: {e})")
+        ckpt = load_checkpoint(ckpt_path)
     elif os.path.exists(ckpt_path):
         log(f"warning: --init_from=scratch: {ckpt_path} will be overwritten at the first evaluation")
     if master:
@@ -825,19 +891,22 @@ def main(argv):
     steps_per_epoch = len(train_set) // c.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
-    total = c.max_iters if c.max_iters > 0 else c.epochs * steps_per_epoch
-    warmup = round(c.warmup_epochs / c.epochs * total) if c.max_iters > 0 else c.warmup_epochs * steps_per_epoch
+    total, warmup = run_length(c, len(train_set))
+    overridden = check_resume(c, ckpt, len(train_set)) if ckpt is not None else {}
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch} steps per epoch, {total} steps "
         f"({warmup} warmup), {world} process(es) x {accum} accumulation x {c.micro_batch_size} = {c.batch_size}")
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizers = build_optimizers(model, c, dev.split(':')[0], log)
     step, best_val = 0, float('inf')
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        for opt, state in zip(optimizers, ckpt['optimizers']):
-            opt.load_state_dict(state)
+        try:
+            model.load_state_dict(ckpt['model'])
+            for opt, state in zip(optimizers, ckpt['optimizers'], strict=True):
+                opt.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{ckpt_path} does not fit this run's model or optimizers: {str(e).splitlines()[0]}")
         step, best_val = ckpt['step'], ckpt['best_val_loss']
-        log(f"resumed from {ckpt_path} at step {step}")
+        log(f"resumed from {ckpt_path} at step {step}" + (f", overriding {overridden}" if overridden else ""))
     del ckpt
 
     compiled = torch.compile(model) if c.compile else model
@@ -858,11 +927,14 @@ def main(argv):
             with open(log_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
+    if overridden:  # the record of what the resumed run changed: {key: [checkpoint's, new]}
+        write_log(step=step, resume_override=overridden)
+
     def checkpoint():
         if not master:
             return
         state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                     config=vars(c), step=step, best_val_loss=best_val)
+                     config=vars(c), step=step, best_val_loss=best_val, train_images=len(train_set))
         try:
             save_checkpoint(ckpt_path, state)
         except OSError as e:

@@ -36,7 +36,7 @@ def wait_for_step(out_dir, step, proc, timeout=120):
 
 
 def params(out_dir, name='ckpt.pt'):
-    return torch.load(os.path.join(out_dir, name), weights_only=False)
+    return torch.load(os.path.join(out_dir, name), weights_only=True)
 
 
 def losses(log):
@@ -82,7 +82,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, 'save', dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        T.main(TINY + [f'--out_dir={tmp_path}', '--max_iters=4', '--init_from=resume'])
+        T.main(TINY + [f'--out_dir={tmp_path}', '--max_iters=4', '--init_from=resume', '--resume_override=max_iters'])
     monkeypatch.undo()
     after = params(tmp_path)
     assert after['step'] == before['step'] == 2 and sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'log.jsonl', 'recon.png']
@@ -91,7 +91,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path):
     T.main(TINY + [f'--out_dir={tmp_path}', '--max_iters=2'])
     os.symlink('/dev/full', tmp_path / 'ckpt.pt.tmp')  # the next write hits "No space left on device"
-    p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=4', '--init_from=resume'], check=False)
+    p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=4', '--init_from=resume', '--resume_override=max_iters'],
+            check=False)
     assert p.returncode != 0 and 'could not write' in p.stderr and 'No space left' in p.stderr, p.stderr
     assert params(tmp_path)['step'] == 2 and not os.path.lexists(tmp_path / 'ckpt.pt.tmp')
 
@@ -108,6 +109,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, eval_int
     good = params(tmp_path)
     # resume with an infinite learning rate: the weights turn to inf/NaN at the next step
     p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=9', '--init_from=resume', '--lr=1e400',
+                    '--resume_override=lr,max_iters',
                     f'--eval_interval={eval_interval}'], check=False)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: ')
     assert 'keeps the last good state' in p.stderr

@@ -158,7 +158,7 @@ def test_random_encoder_probe_beats_chance(tmp_path):
 ])
 def test_checkpoint_round_trip_without_repeating_flags(tmp_path, monkeypatch, arch, optimizer):
     run(TINY + arch + ['--max_iters=2', f'--out_dir={tmp_path}'])
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     built, build_model = [], train_mae.build_model
     monkeypatch.setattr(train_mae, 'build_model', lambda c: built.append(build_model(c)) or built[-1])
     # no architecture or data flag: they come from the checkpoint (data_dir too)

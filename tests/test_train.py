@@ -222,7 +222,7 @@ def test_training_run_writes_log_checkpoint_and_reconstructions(tmp_path):
     assert [r['step'] for r in train] == list(range(1, 7))
     assert all(r['imgs_per_sec'] > 0 and r['lr'] > 0 for r in train)
     assert [r['step'] for r in log if 'val_loss' in r] == [2, 4, 6]
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 6 and ckpt['config']['enc_dim'] == 64 and set(ckpt['config']) == set(T.CONFIG)
     assert Image.open(out / 'recon.png').size == (3 * 128, 8 * 128)  # 32 px images, shown at 128
 
@@ -241,7 +241,7 @@ def test_torch_compile_run(tmp_path):
 
 
 def final_params(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)['model']
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
 
 
 @pytest.mark.parametrize('optimizer,tol', [('adamw', 1e-5), ('muon', 2e-3)])

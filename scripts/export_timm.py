@@ -1,0 +1,95 @@
+"""Export the encoder of a train_mae.py checkpoint for timm's VisionTransformer.
+
+    python scripts/export_timm.py out/ckpt.pt vit.pt
+
+writes a plain state dict in timm's names (patch_embed.proj, pos_embed, blocks.N.*,
+norm; no decoder, no mask token) and prints the timm model that loads it strictly,
+and the --model-kwargs that make timm's train.py fine-tune it (MAE's recipe, with
+layer-wise lr decay), e.g. for the default ViT-S/16 on 8 GPUs:
+
+    python train.py --data-dir /imagenet --model vit_small_patch16_224 \\
+        --pretrained --pretrained-path vit.pt --model-kwargs img_size=224 patch_size=16 \\
+        embed_dim=384 depth=12 num_heads=6 mlp_ratio=4.0 class_token=False no_embed_class=True \\
+        global_pool=avg fc_norm=False qkv_bias=True proj_bias=True norm_layer=layernorm \\
+        --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 -b 128 --opt adamw --lr 2e-3 \\
+        --weight-decay 0.05 --layer-decay 0.75 --epochs 100 --warmup-epochs 5 --drop-path 0.1 \\
+        --aa rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --reprob 0.25 --amp
+
+--pretrained-path loads the file as the model's pretrained weights with a new
+classifier head. A SwiGLU encoder needs mlp_layer=timm.layers.SwiGLU, a class that
+--model-kwargs cannot carry: build that model in Python (the printed lines).
+"""
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_mae  # noqa: E402
+
+ENCODER = ('patch_embed.', 'blocks.', 'norm.')  # our encoder's names are timm's already
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise SystemExit(f"error: cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
+        raise SystemExit(f"error: {path} is not a train_mae.py checkpoint (no 'model' and 'config')")
+    return ckpt
+
+
+def timm_kwargs(c):
+    """timm VisionTransformer arguments of the encoder of config c: no [CLS], the
+    position embedding added to every patch token, the final norm before pooling."""
+    dim, swiglu = c['enc_dim'], c['swiglu']
+    hidden = train_mae.ffn_hidden(dim, c['mlp_ratio'], swiglu)
+    mlp_ratio = hidden / dim  # timm takes hidden = int(dim * mlp_ratio): round up if the division fell short
+    mlp_ratio = mlp_ratio if int(dim * mlp_ratio) == hidden else math.nextafter(mlp_ratio, math.inf)
+    kw = dict(img_size=c['img_size'], patch_size=c['patch_size'], embed_dim=dim, depth=c['enc_depth'],
+              num_heads=c['enc_heads'], mlp_ratio=mlp_ratio, class_token=False, no_embed_class=True,
+              global_pool='avg', fc_norm=False, qkv_bias=c['bias'], proj_bias=c['bias'], norm_layer=c['norm'])
+    return {**kw, 'act_layer': 'silu'} if swiglu else kw  # timm's Block hands act_layer (GELU) to the MLP
+
+
+def export(ckpt):
+    c = {**train_mae.CONFIG, **ckpt['config']}
+    if c['stem'] != 'patch':
+        raise SystemExit(f"error: stem={c['stem']!r}: timm's VisionTransformer has only the patchify conv "
+                         "(stem='patch'), it cannot hold the conv stem")
+    model = train_mae.build_model(c)
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise SystemExit(f"error: the checkpoint does not match its own config: {str(e).splitlines()[-1].strip()}")
+    sd = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER)}
+    sd['pos_embed'] = model.pos_embed.clone()  # [1, L, D] fixed sin-cos: a buffer we do not save, a parameter in timm
+    # timm's PatchEmbed always has a bias (unless pre_norm): a zero bias computes the same
+    sd.setdefault('patch_embed.proj.bias', torch.zeros(c['enc_dim']))
+    return sd, timm_kwargs(c)
+
+
+def main(argv):
+    if len(argv) != 2:
+        raise SystemExit("usage: python scripts/export_timm.py CKPT OUT")
+    ckpt_path, out = argv
+    sd, kw = export(load_checkpoint(ckpt_path))
+    torch.save(sd, out)
+    mlp = ', mlp_layer=timm.layers.SwiGLU' if 'act_layer' in kw else ''
+    print(f"wrote {out}: the encoder of {ckpt_path}, {len(sd)} tensors, "
+          f"{sum(v.numel() for v in sd.values()) / 1e6:.1f}M parameters")
+    print("import timm, torch")
+    print(f"kwargs = {kw!r}")
+    print(f"model = timm.models.VisionTransformer(**kwargs, num_classes=0{mlp})")
+    print(f"model.load_state_dict(torch.load({out!r}))  # strict: every tensor in place")
+    if not mlp:
+        print("# timm's train.py: --pretrained --pretrained-path " + out + " --model-kwargs "
+              + ' '.join(f"{k}={v}" for k, v in kw.items()))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
