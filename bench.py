@@ -10,7 +10,7 @@ muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random g
              `torchrun --nproc_per_node=N bench.py --only=muon_step`, per rank with the work split N ways
 loader       images/s of the real JPEG pipeline per DataLoader worker count, and PIL decode alone
 probe_sweep  probe.py's 30-setting lr x wd sweep vs a single setting
-optim_state  optimizer-state bytes per parameter, per optimizer and state_dtype
+optim_state  optimizer-state bytes per parameter, per optimizer and state_dtype (adafactor: Zhai et al.'s)
 
 Every train_mae.py key works here too (the model, optimizer, micro_batch_size, compile,
 dtype, device, ...); the defaults are its ViT-S/16 recipe. On CPU the benches shrink to
@@ -289,16 +289,16 @@ def bench_optim_state(c):
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     n = sum(p.numel() for p in model.parameters())
-    for optimizer in ('adamw', 'muon', 'lamb'):
-        for state_dtype in ('float32', 'bfloat16'):
-            oc = SimpleNamespace(**{**vars(c), 'optimizer': optimizer, 'state_dtype': state_dtype})
-            optimizers = train_mae.build_optimizers(model, oc, 'cpu', log=lambda *a: None)
-            for opt in optimizers:
-                opt.step()
-            nbytes = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
-                         for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
-            yield dict(name='optim_state', optimizer=optimizer, state_dtype=state_dtype,
-                       bytes_per_param=nbytes / n, model=model_name(c))
+    for optimizer, state_dtype in (('adamw', 'float32'), ('muon', 'float32'), ('muon', 'bfloat16'),
+                                   ('lamb', 'float32'), ('lamb', 'bfloat16'), ('adafactor', 'float32')):
+        oc = SimpleNamespace(**{**vars(c), 'optimizer': optimizer, 'state_dtype': state_dtype})
+        optimizers = train_mae.build_optimizers(model, oc, 'cpu', log=lambda *a: None)
+        for opt in optimizers:
+            opt.step()
+        nbytes = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
+                     for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
+        yield dict(name='optim_state', optimizer=optimizer, state_dtype=state_dtype,
+                   bytes_per_param=nbytes / n, model=model_name(c))
 
 
 BENCHES = dict(train=bench_train, muon_step=bench_muon_step, loader=bench_loader, probe_sweep=bench_probe_sweep,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from muon import Muon
+from optimizers import Adafactor, Lamb
 
 # -----------------------------------------------------------------------------
 # config: every knob, with the blog's ViT-S/16 ImageNet recipe as defaults.
@@ -55,7 +56,7 @@ bias = True  # biases of every Linear/Conv layer; LayerNorm keeps its shift eith
 stem = 'patch'  # 'patch' (16x16 stride-16 conv) or 'conv' (3x3 stride-2 convs per patch, Xiao et al. 2021)
 norm_pix_loss = True  # targets are per-patch normalised pixels (MAE)
 # optimizer
-optimizer = 'muon'  # 'adamw', 'muon' (Muon on hidden 2D weights, AdamW on the rest) or 'lamb'
+optimizer = 'muon'  # 'adamw', 'muon' (Muon on hidden 2D weights, AdamW on the rest), 'lamb' or 'adafactor'
 lr = 8e-4  # peak learning rate, both sides
 weight_decay = 0.05  # AdamW/LAMB side
 betas = (0.9, 0.95)
@@ -65,7 +66,7 @@ muon_nesterov = True
 muon_ns_steps = 5
 muon_adjust_lr = 'match_rms_adamw'  # 'original' (Jordan) or 'match_rms_adamw' (Liu et al.): lr scale per matrix shape
 muon_conv = False  # conv-stem weights on Muon (viewed as 2D) instead of AdamW
-state_dtype = 'float32'  # 'bfloat16' stores Muon momentum and LAMB's first moment in bf16 (Zhai et al.)
+state_dtype = 'float32'  # 'bfloat16': Muon's momentum or LAMB's first moment in bf16 (Zhai et al.; Adafactor's always is)
 # schedule
 batch_size = 4096  # global images per optimizer step (all ranks x accumulation)
 micro_batch_size = 256  # images per process per forward; accumulation = batch_size / (micro_batch_size * world)
@@ -89,7 +90,7 @@ ddp_timeout = 600  # seconds a rank waits in a collective before giving up (a de
 CONFIG = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
 ARCH_KEYS = ('img_size', 'patch_size', 'enc_dim', 'enc_depth', 'enc_heads', 'dec_dim', 'dec_depth',
              'dec_heads', 'mlp_ratio', 'norm', 'swiglu', 'bias', 'stem')  # a checkpoint's shape
-CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb'),
+CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
                muon_adjust_lr=('original', 'match_rms_adamw'), schedule=('cosine', 'wsd', 'rsqrt'),
                init_from=('scratch', 'resume'), dtype=('auto', 'bfloat16', 'float32'),
                device=('auto', 'cuda', 'cpu'), state_dtype=('float32', 'bfloat16'))
@@ -176,6 +177,11 @@ def check_config(c):
         raise ConfigError("--betas, --crop_scale and --synthetic_size take two values each")
     if not 0 <= c.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown_frac={c.cooldown_frac}: must be in [0, 1]")
+    if c.state_dtype == 'bfloat16' and c.optimizer not in ('muon', 'lamb'):  # a flag that would do nothing
+        raise ConfigError(f"--state_dtype=bfloat16 applies to optimizer muon (its momentum) or lamb (its first "
+                          f"moment), not --optimizer={c.optimizer}")
+    if c.muon_conv and (c.optimizer != 'muon' or c.stem != 'conv'):
+        raise ConfigError(f"--muon_conv=True needs --optimizer=muon and --stem=conv (got {c.optimizer}, {c.stem})")
 
 
 # -----------------------------------------------------------------------------
@@ -596,56 +602,19 @@ def imagenet_stats(device):
 # -----------------------------------------------------------------------------
 # optimizers and schedules
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"):
-    the AdamW step (bias-corrected moments, decoupled weight decay), rescaled
-    per tensor by the trust ratio ||w|| / ||step|| so every layer moves by the
-    same relative amount whatever the batch size. Parameter groups with
-    trust=False (1D: norms, biases) take the plain AdamW step, as in practice.
-    `momentum_dtype=torch.bfloat16` keeps the first moment in bf16."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, momentum_dtype=None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust=True))
-        self.momentum_dtype = momentum_dtype
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group['betas']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state['step'] = 0
-                    state['exp_avg'] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
-                    state['exp_avg_sq'] = torch.zeros_like(p)
-                state['step'] += 1
-                m, v = state['exp_avg'], state['exp_avg_sq']
-                m.lerp_(p.grad.to(m.dtype), 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat = m.float() / (1 - beta1 ** state['step'])
-                v_hat = v / (1 - beta2 ** state['step'])
-                update = m_hat / (v_hat.sqrt() + group['eps']) + group['weight_decay'] * p
-                ratio = 1.0
-                if group['trust']:
-                    w_norm, u_norm = p.norm(), update.norm()
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-                p.sub_(group['lr'] * ratio * update)
-
-
 def param_groups(model, c):
     """Split the MAE's parameters: returns {'muon': [...], 'decay': [...], 'no_decay': [...]}.
     Muon (optimizer='muon') takes the Linear weights, as in the blog, and with
     muon_conv the conv-stem weights; weight decay skips 1D tensors (norms,
-    biases) and the mask token; the rest is AdamW/LAMB with decay."""
+    biases) and the mask token; the rest (the patch conv) is AdamW/LAMB/Adafactor
+    with decay. As the blog's code: there, every 2D weight but the position
+    embeddings goes to Muon, and those are all Linear weights."""
     groups = {'muon': [], 'decay': [], 'no_decay': []}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if p.ndim < 2 or name == 'mask_token':
                 groups['no_decay'].append((f"{module_name}.{name}", p))
-            elif c.optimizer == 'muon' and (isinstance(module, nn.Linear) or
-                                            (c.muon_conv and isinstance(module, nn.Conv2d) and c.stem == 'conv')):
+            elif c.optimizer == 'muon' and (isinstance(module, nn.Linear) or (c.muon_conv and isinstance(module, nn.Conv2d))):
                 groups['muon'].append((f"{module_name}.{name}", p))
             else:
                 groups['decay'].append((f"{module_name}.{name}", p))
@@ -653,16 +622,25 @@ def param_groups(model, c):
 
 
 def build_optimizers(model, c, device_type, log=print):
-    """One optimizer per rule: Muon for hidden matrices and AdamW (or LAMB) for the rest."""
+    """One optimizer per rule: Muon for hidden matrices and AdamW for the rest, or
+    LAMB / Adafactor (optimizers.py) for the whole model."""
     groups = param_groups(model, c)
+    bf16 = c.state_dtype == 'bfloat16'
+    holds_bf16 = dict(muon='muon', decay='lamb', no_decay='lamb')  # the state that state_dtype applies to
     for key, named in groups.items():
-        log(f"{key}: {len(named)} tensors, {sum(p.numel() for _, p in named):,} parameters")
-    state_dtype = torch.bfloat16 if c.state_dtype == 'bfloat16' else None
+        note = ", bf16 momentum" if bf16 and holds_bf16[key] == c.optimizer else ""
+        if c.optimizer == 'adafactor' and key != 'muon':
+            note = ", bf16 momentum" + (", factored second moment" if key == 'decay' else "")
+        log(f"{key}: {len(named)} tensors, {sum(p.numel() for _, p in named):,} parameters{note}")
+    state_dtype = torch.bfloat16 if bf16 else None
     decay = [p for _, p in groups['decay']]
     no_decay = [p for _, p in groups['no_decay']]
     if c.optimizer == 'lamb':
         opt = Lamb([dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0, trust=False)],
                    lr=c.lr, betas=c.betas, momentum_dtype=state_dtype)
+    elif c.optimizer == 'adafactor':  # betas[0] is its beta1; its second moment has its own decay (1 - t^-0.8)
+        opt = Adafactor([dict(params=decay, weight_decay=c.weight_decay),
+                         dict(params=no_decay, weight_decay=0.0, factored=False)], lr=c.lr, beta1=c.betas[0])
     else:
         opt = torch.optim.AdamW([dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)],
                                 lr=c.lr, betas=c.betas, fused=device_type == 'cuda')

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,6 +32,41 @@ def run(args, check=True, timeout=300, env=None, torchrun=0):
 def read_log(out_dir):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         return [json.loads(line) for line in f]
+
+
+def start(args, torchrun=0):
+    """Start train_mae.py in the background, in a session of its own (os.killpg reaches every process of the run)."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [sys.executable]
+    return subprocess.Popen(launcher + [os.path.join(ROOT, 'train_mae.py')] + args, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def wait_for_step(out_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if max((r['step'] for r in read_log(out_dir)), default=0) >= step:
+                return
+        except (FileNotFoundError, ValueError):
+            pass  # not there yet, or a line half written
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {out_dir}")
+
+
+def worker_pids(torchrun_pid):
+    """{rank: pid} of the workers torchrun started: its child processes, by parent id
+    (ps truncates command lines, so a long checkout path would hide the script's name)."""
+    children = []
+    for task in os.listdir(f'/proc/{torchrun_pid}/task'):
+        with open(f'/proc/{torchrun_pid}/task/{task}/children') as f:
+            children += [int(pid) for pid in f.read().split()]
+    ranks = {}
+    for pid in children:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+        ranks[int(env[b'RANK'])] = pid
+    return ranks
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 against a forward pass written here from the state dict alone, and (where timm
 imports) against timm's own model."""
 import ast
+import contextlib
+import io
 import os
 import sys
 
@@ -90,11 +92,12 @@ def printed_kwargs(out):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A real train_mae.py checkpoint (two steps of TINY), exported by the script on the command line."""
+    """A real train_mae.py checkpoint (two steps of TINY) and its export."""
     d = tmp_path_factory.mktemp('trained')
     run(TINY + [f'--out_dir={d}', '--max_iters=2', '--eval_interval=2'])
-    p = run(['scripts/export_timm.py', str(d / 'ckpt.pt'), str(d / 'vit.pt')])
-    return d, p.stdout
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        export_timm.main([str(d / 'ckpt.pt'), str(d / 'vit.pt')])
+    return d, out.getvalue()
 
 
 def test_trained_checkpoint_exports_the_encoder_only(trained):
@@ -179,12 +182,13 @@ def test_timm_builds_the_printed_model_and_matches(tmp_path, capsys, v):
     assert diff < 1e-4
     if not v['swiglu']:  # what train.py --pretrained --pretrained-path ... --model-kwargs ... builds
         import argparse
-        parser = argparse.ArgumentParser()
+        parser = argparse.ArgumentParser()  # train.py's flags, and its create_model call
+        parser.add_argument('--pretrained', action='store_true')
+        parser.add_argument('--pretrained-path')
         parser.add_argument('--model-kwargs', nargs='*', default={}, action=timm.utils.ParseKwargs)
-        line = next(l for l in out.splitlines() if "train.py" in l)
-        kw = parser.parse_args(line.split('--model-kwargs')[1].split()).model_kwargs
-        ft = timm.create_model('vit_small_patch16_224', pretrained=True, num_classes=10, **kw,
-                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'vit.pt'), num_classes=-1)).eval()
+        args = parser.parse_args(next(l for l in out.splitlines() if "train.py: " in l).split("train.py: ")[1].split())
+        ft = timm.create_model('vit_small_patch16_224', pretrained=args.pretrained, num_classes=10, **args.model_kwargs,
+                               pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1)).eval()
         with torch.no_grad():
             assert (ft.forward_features(imgs) - model.forward_features(imgs)).abs().max() < 1e-4
             assert ft(imgs).shape == (2, 10)

@@ -1,8 +1,6 @@
 """Faults injected for real: SIGKILL, SIGTERM, a dead rank, a full disk, bad images, NaN."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,28 +9,9 @@ import torch
 from PIL import Image
 
 import train_mae as T
-from conftest import ROOT, TINY, read_log, run
+from conftest import TINY, read_log, run, start, wait_for_step, worker_pids
 
 LONG = TINY + ['--max_iters=400', '--eval_interval=3', '--synthetic_size=(1024,32)']
-
-
-def start(args, torchrun=0):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [sys.executable]
-    return subprocess.Popen(launcher + [os.path.join(ROOT, 'train_mae.py')] + args, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-def wait_for_step(out_dir, step, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        try:
-            if max((r['step'] for r in read_log(out_dir)), default=0) >= step:
-                return
-        except (FileNotFoundError, ValueError):
-            pass  # not there yet, or a line half written
-        time.sleep(0.05)
-    raise TimeoutError(f"no step {step} in {out_dir}")
 
 
 def params(out_dir, name='ckpt.pt'):
@@ -157,15 +136,14 @@ def test_bad_images_are_skipped_counted_and_reported(tmp_path, capsys, monkeypat
 def test_a_dead_rank_ends_the_whole_run(tmp_path):
     p = start(LONG + [f'--out_dir={tmp_path}'], torchrun=2)
     wait_for_step(tmp_path, 2, p)
-    ps = subprocess.run(['ps', '-o', 'pid=,args=', '--ppid', str(p.pid)], capture_output=True, text=True).stdout
-    workers = [int(line.split()[0]) for line in ps.splitlines() if 'train_mae.py' in line]
-    assert len(workers) == 2
+    workers = worker_pids(p.pid)
+    assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGKILL)
     t = time.time()
     p.communicate(timeout=90)
     assert p.returncode != 0 and time.time() - t < 90
     time.sleep(1)
-    assert all(not os.path.exists(f'/proc/{w}') or open(f'/proc/{w}/stat').read().split()[2] == 'Z' for w in workers)
+    assert all(not os.path.exists(f'/proc/{w}') or open(f'/proc/{w}/stat').read().split()[2] == 'Z' for w in workers.values())
 
 
 def test_corrupt_checkpoint_on_resume_is_a_clear_error(tmp_path):

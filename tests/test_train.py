@@ -10,6 +10,7 @@ from PIL import Image
 
 import train_mae as T
 from conftest import TINY, read_log, run
+from optimizers import Lamb
 
 
 def cfg(*argv):
@@ -183,7 +184,7 @@ def test_lamb_step_matches_a_direct_computation():
     w, b = torch.randn(6, 4, requires_grad=True), torch.randn(4, requires_grad=True)
     gw, gb = torch.randn(6, 4), torch.randn(4)
     w0, b0 = w.detach().clone(), b.detach().clone()
-    opt = T.Lamb([dict(params=[w], weight_decay=0.1), dict(params=[b], weight_decay=0.0, trust=False)],
+    opt = Lamb([dict(params=[w], weight_decay=0.1), dict(params=[b], weight_decay=0.0, trust=False)],
                  lr=0.01, betas=(0.9, 0.99), eps=1e-6)
     for _ in range(2):
         w.grad, b.grad = gw.clone(), gb.clone()

@@ -1,0 +1,68 @@
+"""Adafactor (Zhai et al.) against a direct re-computation; the flags that would do nothing are errors."""
+import math
+
+import pytest
+import torch
+
+import train_mae as T
+from conftest import TINY, read_log
+from optimizers import Adafactor
+
+
+def test_adafactor_matches_a_direct_computation_over_changing_gradients():
+    torch.manual_seed(0)
+    w, b = torch.randn(6, 4, requires_grad=True), torch.randn(4, requires_grad=True)
+    grads = [(torch.randn(6, 4), torch.randn(4)) for _ in range(4)]
+    w_ref, b_ref = w.detach().clone().double(), b.detach().clone().double()
+    opt = Adafactor([dict(params=[w], weight_decay=0.1), dict(params=[b], weight_decay=0.0, factored=False)],
+                    lr=0.01, beta1=0.8, momentum_dtype=torch.float32)  # fp32 momentum: compare to rounding
+    # direct, in float64: Shazeer & Stern's factored estimate, Zhai et al.'s beta2 cap and first moment
+    R, C, v_b = torch.zeros(6, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    m_w, m_b = torch.zeros(6, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for t, (gw, gb) in enumerate(grads, start=1):
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        beta2 = min(1 - t ** -0.8, 0.999)
+        gw, gb = gw.double(), gb.double()
+        R = beta2 * R + (1 - beta2) * ((gw ** 2 + 1e-30).sum(1) / 4)
+        C = beta2 * C + (1 - beta2) * ((gw ** 2 + 1e-30).sum(0) / 6)
+        V = R[:, None] * C[None, :] / (R.sum() / 6)
+        v_b = beta2 * v_b + (1 - beta2) * (gb ** 2 + 1e-30)
+        m_w = 0.8 * m_w + 0.2 * gw / V.sqrt()
+        m_b = 0.8 * m_b + 0.2 * gb / v_b.sqrt()
+        w_ref = w_ref * (1 - 0.01 * 0.1) - 0.01 * m_w
+        b_ref = b_ref - 0.01 * m_b
+        torch.testing.assert_close(w.detach().double(), w_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.detach().double(), b_ref, rtol=1e-5, atol=1e-6)
+    assert opt.state[w]['exp_avg_sq_row'].shape == (6,) and 'exp_avg_sq' not in opt.state[w]
+
+
+def test_adafactor_state_is_about_half_the_parameters_memory():
+    c = T.SimpleNamespace(**{**T.CONFIG, 'optimizer': 'adafactor'})  # ViT-S/16's MAE
+    model = T.build_model(c)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    (opt,) = T.build_optimizers(model, c, 'cpu', log=lambda *a: None)
+    opt.step()
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert {s['exp_avg'].dtype for s in opt.state.values()} == {torch.bfloat16}
+    assert 0.5 <= state / params < 0.52  # bf16 momentum (2 of 4 bytes) + the factors and the 1D tensors' moments
+
+
+def test_adafactor_trains(tmp_path):
+    T.main(TINY + [f'--out_dir={tmp_path}', '--optimizer=adafactor', '--max_iters=6', '--eval_interval=6',
+                   '--lr=3e-3'])
+    losses = [r['loss'] for r in read_log(tmp_path) if 'loss' in r]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize('args,names', [
+    (['--optimizer=adamw', '--state_dtype=bfloat16'], '--state_dtype=bfloat16'),
+    (['--optimizer=adafactor', '--state_dtype=bfloat16'], '--state_dtype=bfloat16'),
+    (['--muon_conv=True'], '--muon_conv=True'),  # the patch stem has no conv for Muon
+    (['--optimizer=adamw', '--stem=conv', '--muon_conv=True'], '--muon_conv=True'),
+])
+def test_a_flag_that_cannot_take_effect_is_an_error(tmp_path, args, names):
+    with pytest.raises(SystemExit, match=names):
+        T.main(TINY + [f'--out_dir={tmp_path}'] + args)
