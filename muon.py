@@ -85,26 +85,30 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # the momentum update, per parameter; updates grouped by matrix shape
-            by_shape = {}
+            by_shape = {}  # parameters with a gradient, grouped by matrix shape
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
-                buf = state["momentum_buffer"]
-                g = p.grad.to(buf.dtype)
-                buf.lerp_(g, 1 - group["momentum"])
-                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = update.view(p.size(0), -1)
-                by_shape.setdefault(tuple(update.shape), []).append((p, update))
-            for shape, items in by_shape.items():
-                O = self._orthogonalize(torch.stack([u for _, u in items]), group)
+                if p.grad is not None:
+                    by_shape.setdefault((p.size(0), p[0].numel()), []).append(p)
+            for shape, params in by_shape.items():
+                # the momentum update, per parameter, written straight into the bf16 stack
+                # that Newton-Schulz takes: no fp32 copy of the updates, no torch.stack
+                U = torch.empty(len(params), *shape, dtype=torch.bfloat16, device=params[0].device)
+                for p, u in zip(params, U):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
+                    buf = state["momentum_buffer"]
+                    g = p.grad.to(buf.dtype)
+                    buf.lerp_(g, 1 - group["momentum"])
+                    if group["nesterov"]:
+                        torch.lerp(g.view(shape), buf.view(shape), group["momentum"], out=u)
+                    else:
+                        u.copy_(buf.view(shape))
+                O = self._orthogonalize(U, group)
                 lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
-                for (p, _), o in zip(items, O):
+                for p, o in zip(params, O):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.view_as(p).to(p.dtype), alpha=-lr)
+                    p.add_(o.view_as(p), alpha=-lr)  # bf16 o, added in p's dtype
         return loss
 
     def _orthogonalize(self, U, group):

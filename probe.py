@@ -42,6 +42,7 @@ batch_size = 1024  # global images per step (all ranks)
 lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # the sweep is every lr x every wd
 wds = (5e-4, 1e-3, 5e-2)
 probe_optimizer = 'adamw'  # 'adamw', or 'muon' (Muon on the probe's matrices, AdamW on the query and biases)
+head = 'attentive'  # 'attentive', 'linear' (MAE's: mean-pooled tokens, BatchNorm without affine, a Linear) or 'both'
 head_weight_decay = -1.0  # weight decay of the final Linear; < 0 = the setting's (Zhai et al. 2022 decouple them)
 # system
 device = 'auto'  # 'auto', 'cuda' or 'cpu'
@@ -65,9 +66,10 @@ class AttentiveProbes(nn.Module):
     projections, then one Linear to the classes; no non-linearity. The query is
     learned directly per head (a query token times a learned W_q is no more
     general), and the tokens already leave the encoder through its final norm,
-    so the probe adds none. All P start from the same weights: the sweep
-    compares settings, not initialisations, and a probe trains the same in the
-    sweep as alone."""
+    so the probe adds none. Keys and values come from one [2 * inner, D] matrix,
+    as the blog's kv_proj: with probe_optimizer='muon' it is orthogonalised as
+    one. All P start from the same weights: the sweep compares settings, not
+    initialisations, and a probe trains the same in the sweep as alone."""
 
     def __init__(self, num_probes, dim, num_classes, seed=0):
         super().__init__()
@@ -76,14 +78,14 @@ class AttentiveProbes(nn.Module):
         g = torch.Generator().manual_seed(seed)
         # a small query attends almost uniformly at first (mean pooling); a small head starts near chance
         one = dict(query=torch.randn(self.heads, HEAD_DIM, generator=g) * 0.02,
-                   wk=xavier_uniform(inner, dim, g), wv=xavier_uniform(inner, dim, g), bv=torch.zeros(inner),
+                   wkv=torch.cat([xavier_uniform(inner, dim, g), xavier_uniform(inner, dim, g)]), bv=torch.zeros(inner),
                    head_w=torch.randn(num_classes, inner, generator=g) * 0.01, head_b=torch.zeros(num_classes))
         for name, t in one.items():  # matrices are [P, out, in], like nn.Linear's weight
             setattr(self, name, nn.Parameter(t.expand(num_probes, *t.shape).clone()))
 
     def forward(self, x):  # x [N, L, D] patch tokens -> logits [P, N, classes]
         P, H = self.query.shape[:2]
-        wk, wv = self.wk.view(P, H, HEAD_DIM, -1), self.wv.view(P, H, HEAD_DIM, -1)
+        wk, wv = (w.reshape(P, H, HEAD_DIM, -1) for w in self.wkv.chunk(2, dim=1))
         # With a single query, q . (Wk x) = (Wk^T q) . x: fold the query into Wk once
         # instead of projecting all N*L tokens to keys for each of the P probes (64x
         # fewer FLOPs). A key bias would add one constant to all of a query's
@@ -95,6 +97,24 @@ class AttentiveProbes(nn.Module):
         pooled = torch.einsum('pnhl,nld->pnhd', attn, x)  # [P, N, H, D]
         out = torch.einsum('pnhd,phed->pnhe', pooled, wv).flatten(2) + self.bv[:, None]  # [P, N, H*64]
         return torch.baddbmm(self.head_b[:, None], out, self.head_w.mT)
+
+
+class LinearProbes(nn.Module):
+    """P linear probes, stacked: MAE's protocol (He et al. 2022, appendix A.2)
+    without [CLS]: the mean of the patch tokens, a BatchNorm without affine
+    parameters, one Linear. The BatchNorm has no parameters and sees the same
+    features for every probe, so one serves all P."""
+
+    def __init__(self, num_probes, dim, num_classes, seed=0):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        g = torch.Generator().manual_seed(seed)
+        self.head_w = nn.Parameter((torch.randn(num_classes, dim, generator=g) * 0.01).expand(num_probes, -1, -1).clone())
+        self.head_b = nn.Parameter(torch.zeros(num_probes, num_classes))
+
+    def forward(self, x):  # x [N, L, D] -> logits [P, N, classes]
+        feats = self.bn(x.mean(dim=1).float())  # [N, D]
+        return torch.einsum('nd,pcd->pnc', feats, self.head_w) + self.head_b[:, None]
 
 
 def xavier_uniform(fan_out, fan_in, generator):
@@ -137,16 +157,16 @@ def muon_update(p, state, lr, wd, momentum=0.95, ns_steps=5, adjust_lr_fn='match
 
 class ProbeOptimizer:
     """Steps all probes at once; lr and weight decay are vectors [P], one value
-    per probe. kind='muon' puts the matrices on Muon, the query and biases stay
-    on AdamW. Weight decay on the matrices only (as train_mae.param_groups);
-    head_wd is the final Linear's."""
+    per probe. kind='muon' puts the matrices on Muon; the query and biases stay on
+    AdamW. As the blog's probe: weight decay on the matrices and the query, not the
+    biases; head_wd is the final Linear's (Zhai et al. decouple it)."""
 
     def __init__(self, probes, wd, head_wd, kind):
         matrix = muon_update if kind == 'muon' else adamw_update
         no_decay = torch.zeros_like(wd)
-        self.rules = [(probes.query, no_decay, adamw_update), (probes.wk, wd, matrix), (probes.wv, wd, matrix),
-                      (probes.bv, no_decay, adamw_update), (probes.head_w, head_wd, matrix),
-                      (probes.head_b, no_decay, adamw_update)]
+        self.rules = [(probes.head_w, head_wd, matrix), (probes.head_b, no_decay, adamw_update)]
+        if isinstance(probes, AttentiveProbes):
+            self.rules += [(probes.query, wd, adamw_update), (probes.wkv, wd, matrix), (probes.bv, no_decay, adamw_update)]
         self.states = [{} for _ in self.rules]
 
     @torch.no_grad()
@@ -176,6 +196,8 @@ def load_config(argv):
     train_mae.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
     if c.probe_optimizer not in ('adamw', 'muon'):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
+    if c.head not in ('attentive', 'linear', 'both'):
+        raise ConfigError(f"--head={c.head!r}: must be one of attentive, linear, both")
     if not c.lrs or not c.wds or min(c.lrs) <= 0 or min(c.wds) < 0:
         raise ConfigError(f"--lrs={c.lrs} --wds={c.wds}: need one or more of each, lrs > 0 and wds >= 0")
     if c.epochs < 1 or not 0 <= c.warmup_epochs <= c.epochs:
@@ -221,62 +243,83 @@ def main(argv):
     grid = [(lr, wd) for lr in c.lrs for wd in c.wds]
     P = len(grid)
     classes = train_set.source.classes
-    probes = AttentiveProbes(P, c.enc_dim, len(classes), c.seed).to(dev)
     peak_lr = torch.tensor([lr for lr, _ in grid], device=dev)  # one value per probe
     decay = torch.tensor([wd for _, wd in grid], device=dev)
     head_decay = decay if c.head_weight_decay < 0 else torch.full_like(decay, c.head_weight_decay)
-    optimizer = ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
+    heads = {}  # name -> (P stacked probes, their optimizer)
+    for name, Probes in (('attentive', AttentiveProbes), ('linear', LinearProbes)):
+        if c.head in (name, 'both'):
+            probes = Probes(P, c.enc_dim, len(classes), c.seed).to(dev)
+            heads[name] = probes, ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
-        f"{P} probes ({len(c.lrs)} lrs x {len(c.wds)} wds), {total} steps of {c.batch_size} images, "
-        f"{world} process(es), encoder {'from ' + c.ckpt if c.ckpt else 'random'}")
+        f"{P} probes per head ({len(c.lrs)} lrs x {len(c.wds)} wds; {', '.join(heads)}), {total} steps of "
+        f"{c.batch_size} images, {world} process(es), encoder {'from ' + c.ckpt if c.ckpt else 'random'}")
 
     from tqdm import tqdm
     bar = tqdm(total=total, disable=not master, dynamic_ncols=True)
-    epoch_loss = torch.zeros(P, device=dev)
     for step, (imgs, labels, _, _) in enumerate(train_loader):
         with torch.no_grad(), autocast:
             x = features(train_mae.to_device(imgs, dev))  # [n, L, D], shared by all probes
         labels = labels.to(dev, non_blocking=True)
-        with autocast:
-            logits = probes(x)  # [P, n, classes]
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(P), reduction='none').view(P, -1).mean(1)
-        losses.sum().backward()  # a sum: each probe gets the gradient of its own loss
-        if ddp:  # average over ranks; the probes are too small for DDP's bucketing to matter
-            for p in probes.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        optimizer.step(peak_lr * train_mae.lr_factor(step, total, warmup, 'cosine', 0.0))
-        probes.zero_grad(set_to_none=True)
-        epoch_loss += losses.detach()
+        for probes, optimizer in heads.values():
+            with autocast:
+                logits = probes(x)  # [P, n, classes]
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(P), reduction='none').view(P, -1).mean(1)
+            losses.sum().backward()  # a sum: each probe gets the gradient of its own loss
+            if ddp:  # average over ranks; the probes are too small for DDP's bucketing to matter
+                for p in probes.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            optimizer.step(peak_lr * train_mae.lr_factor(step, total, warmup, 'cosine', 0.0))
+            probes.zero_grad(set_to_none=True)
         bar.update(1)
         if (step + 1) % steps_per_epoch == 0:
-            best_loss = epoch_loss.min().item() / steps_per_epoch  # this rank's, over the epoch
-            bar.set_postfix(epoch=(step + 1) // steps_per_epoch, best_loss=f"{best_loss:.3f}")
-            epoch_loss.zero_()
+            bar.set_postfix(epoch=(step + 1) // steps_per_epoch, best_loss=f"{losses.min().item():.3f}")
     bar.close()
 
-    correct = torch.zeros(P, device=dev, dtype=torch.long)
+    correct = {name: torch.zeros(P, device=dev, dtype=torch.long) for name in heads}
+    for probes, _ in heads.values():
+        probes.eval()  # the linear probe's BatchNorm: running statistics
     with torch.no_grad(), autocast:
         for imgs, labels, _, _ in val_loader:
-            logits = probes(features(train_mae.to_device(imgs, dev)))
-            correct += (logits.argmax(-1) == labels.to(dev)).sum(1)
+            x = features(train_mae.to_device(imgs, dev))
+            for name, (probes, _) in heads.items():
+                correct[name] += (probes(x).argmax(-1) == labels.to(dev)).sum(1)
     if ddp:
-        dist.all_reduce(correct)
+        for n in correct.values():
+            dist.all_reduce(n)
         train_mae.shutdown_distributed()
-    top1 = (correct.double() / len(val_set)).tolist()
-    results = [dict(lr=lr, weight_decay=wd, top1=acc) for (lr, wd), acc in zip(grid, top1)]
+    results = [dict(head=name, lr=lr, weight_decay=wd, top1=acc) for name, n in correct.items()
+               for (lr, wd), acc in zip(grid, (n.double() / len(val_set)).tolist())]
     out = dict(results=results, best=max(results, key=lambda r: r['top1']))
+    warnings = [edge_warning(c, max((r for r in results if r['head'] == name), key=lambda r: r['top1']))
+                for name in heads]
+    if any(warnings):
+        out['warning'] = ' '.join(w for w in warnings if w)
     if master:
         with open(results_path, 'w') as f:
             json.dump(out, f, indent=1)
-        log(f"top-1 on {len(val_set):,} val images; rows: lr, columns: weight decay")
-        log(' ' * 9 + ''.join(f"{wd:>9g}" for wd in c.wds))
-        for i, lr in enumerate(c.lrs):
-            log(f"{lr:<9g}" + ''.join(f"{acc:>9.4f}" for acc in top1[i * len(c.wds):(i + 1) * len(c.wds)]))
+        for name in heads:
+            log(f"{name} probes: top-1 on {len(val_set):,} val images; rows: lr, columns: weight decay")
+            log(' ' * 9 + ''.join(f"{wd:>9g}" for wd in c.wds))
+            top1 = [r['top1'] for r in results if r['head'] == name]
+            for i, lr in enumerate(c.lrs):
+                log(f"{lr:<9g}" + ''.join(f"{acc:>9.4f}" for acc in top1[i * len(c.wds):(i + 1) * len(c.wds)]))
         best = out['best']
-        log(f"best: lr={best['lr']:g} weight_decay={best['weight_decay']:g} top-1 {best['top1']:.4f} "
+        log(f"best: {best['head']} lr={best['lr']:g} weight_decay={best['weight_decay']:g} top-1 {best['top1']:.4f} "
             f"-> {results_path}")
+        if 'warning' in out:
+            log(f"warning: {out['warning']}")
     return out
+
+
+def edge_warning(c, best):
+    """The best setting on the edge of a grid axis (of more than one value): the
+    optimum may lie outside it, so widen the grid before trusting the number."""
+    edges = [f"{key}={best[key]:g} is the {'smallest' if best[key] == min(values) else 'largest'} of --{name}"
+             for key, name, values in (('lr', 'lrs', c.lrs), ('weight_decay', 'wds', c.wds))
+             if len(values) > 1 and best[key] in (min(values), max(values))]
+    return f"{best['head']} probe's best setting lies on the grid's edge ({', '.join(edges)})." if edges else ''
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import os
-import pickle
+import re
 import signal
 import sys
 import time
@@ -741,13 +741,13 @@ def load_checkpoint(path):
         raise ConfigError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # a pickle that wants to build arbitrary objects: refused, not run
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path} holds more than tensors and plain values, refused (loading it could run "
-                          f"code): {first[:200]}")
-    except Exception as e:  # truncated, not a torch file, ...
-        raise ConfigError(f"{path} is not a readable nanoMAE checkpoint ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
+    except Exception as e:  # truncated, not a torch file, or a pickle that wants to build arbitrary objects
+        wanted = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if wanted:  # refused, not run
+            raise ConfigError(f"{path} asks to call {wanted[1]} when loaded, refused: a nanoMAE checkpoint holds "
+                              f"tensors and plain values only, and loading one never runs code")
+        raise ConfigError(f"cannot read checkpoint {path}: it is not a readable nanoMAE checkpoint "
+                          f"({type(e).__name__}: {str(e).strip()[:120]!r})")
     if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
         raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
     return ckpt

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,8 +36,9 @@ def reference_logits(params, x):
     multi-head attention of the query, then the Linear. params: 2D, one probe."""
     N, L, _ = x.shape
     H = params['query'].size(0)
-    k = (x @ params['wk'].T).view(N, L, H, 64).transpose(1, 2)  # [N, H, L, 64]
-    v = (x @ params['wv'].T + params['bv']).view(N, L, H, 64).transpose(1, 2)
+    wk, wv = params['wkv'].chunk(2)  # the blog's kv_proj: keys, then values
+    k = (x @ wk.T).view(N, L, H, 64).transpose(1, 2)  # [N, H, L, 64]
+    v = (x @ wv.T + params['bv']).view(N, L, H, 64).transpose(1, 2)
     q = params['query'][None, :, None].expand(N, H, 1, 64)
     out = F.scaled_dot_product_attention(q, k, v).reshape(N, H * 64)
     return out @ params['head_w'].T + params['head_b']
@@ -110,8 +112,8 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
     init = probe.AttentiveProbes(1, dim, 10, seed=1)
     for i, (lr, wd) in enumerate(grid):
         ref = {name: p[0].detach().clone().requires_grad_() for name, p in init.named_parameters()}
-        ref_opt = torch.optim.AdamW([dict(params=[ref['query'], ref['bv'], ref['head_b']], weight_decay=0.0),
-                                     dict(params=[ref['wk'], ref['wv']], weight_decay=wd),
+        ref_opt = torch.optim.AdamW([dict(params=[ref['bv'], ref['head_b']], weight_decay=0.0),
+                                     dict(params=[ref['query'], ref['wkv']], weight_decay=wd),
                                      dict(params=[ref['head_w']], weight_decay=wd if head_wd is None else head_wd)],
                                     lr=lr, betas=(0.9, 0.999))
         for (x, y), f in zip(batches, schedule):
@@ -124,7 +126,55 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
             torch.testing.assert_close(p[i], ref[name].detach(), rtol=tol, atol=tol,
                                        msg=lambda m: f"lr={lr} wd={wd} {name}: {m}")
     for i in range(1, len(grid)):  # and the settings really moved the probes apart
-        assert (probes.wk[0] - probes.wk[i]).abs().max() > 10 * tol
+        assert (probes.wkv[0] - probes.wkv[i]).abs().max() > 10 * tol
+
+
+def test_linear_probes_are_mae_s_protocol_and_train_each_setting_as_alone():
+    """Mean-pooled tokens, BatchNorm without affine (batch statistics in training,
+    running ones in eval), one Linear: each stacked probe == nn.Sequential of
+    those, trained alone by torch.optim.AdamW on the same batches."""
+    lrs, wds, dim, steps = (1e-3, 1e-2), (0.0, 1.0), 32, 6
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 9, dim) * 3 + 1, torch.randint(0, 10, (16,))) for _ in range(steps)]
+    probes = probe.LinearProbes(len(grid), dim, 10, seed=1)
+    decay = torch.tensor([wd for _, wd in grid])
+    opt = probe.ProbeOptimizer(probes, decay, decay, 'adamw')
+    for x, y in batches:
+        F.cross_entropy(probes(x).flatten(0, 1), y.repeat(len(grid)), reduction='none').view(len(grid), -1).mean(1).sum().backward()
+        opt.step(torch.tensor([lr for lr, _ in grid]))
+        probes.zero_grad()
+    init = probe.LinearProbes(1, dim, 10, seed=1)
+    x_val = torch.randn(5, 9, dim)
+    for i, (lr, wd) in enumerate(grid):
+        ref = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), torch.nn.Linear(dim, 10))
+        with torch.no_grad():
+            ref[1].weight.copy_(init.head_w[0])
+            ref[1].bias.zero_()
+        ref_opt = torch.optim.AdamW([dict(params=[ref[1].weight], weight_decay=wd),
+                                     dict(params=[ref[1].bias], weight_decay=0.0)], lr=lr)
+        for x, y in batches:
+            F.cross_entropy(ref(x.mean(1)), y).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        torch.testing.assert_close(probes.head_w[i], ref[1].weight.detach(), rtol=2e-5, atol=2e-5)
+        probes.eval(), ref.eval()
+        torch.testing.assert_close(probes(x_val)[i], ref(x_val.mean(1)), rtol=2e-5, atol=2e-5)
+        probes.train()
+
+
+def test_both_heads_in_one_pass_and_the_edge_warning(tmp_path):
+    out = probe.main(PROBE_TINY + [f'--out_dir={tmp_path}', '--head=both', '--lrs=(1e-3,1e-2)', '--wds=(0.0,)'])
+    assert [(r['head'], r['lr']) for r in out['results']] == [('attentive', 1e-3), ('attentive', 1e-2),
+                                                                ('linear', 1e-3), ('linear', 1e-2)]
+    assert json.load(open(tmp_path / 'probe_results.json')) == out
+    # two lrs: any best is on an edge, and the warning names the head and the key
+    assert 'attentive probe' in out['warning'] and 'linear probe' in out['warning'] and '--lrs' in out['warning']
+    c = SimpleNamespace(lrs=(1e-4, 1e-3, 1e-2), wds=(0.0, 0.05, 0.1))
+    assert probe.edge_warning(c, dict(head='linear', lr=1e-3, weight_decay=0.05)) == ''
+    assert 'lr=0.01 is the largest of --lrs' in probe.edge_warning(c, dict(head='linear', lr=1e-2, weight_decay=0.05))
+    assert 'weight_decay=0 is the smallest of --wds' in probe.edge_warning(c, dict(head='linear', lr=1e-3, weight_decay=0.0))
+    assert probe.edge_warning(SimpleNamespace(lrs=(1e-3,), wds=(0.0,)), dict(head='linear', lr=1e-3, weight_decay=0.0)) == ''
 
 
 def test_one_pass_sweep_matches_single_runs_end_to_end(tmp_path):

@@ -70,13 +70,13 @@ def reference_lr(step, total, warmup, peak, schedule, cooldown_frac):
     return peak if step < start_cooldown else peak * (total - 1 - step) / (cooldown - 1)
 
 
-@pytest.mark.parametrize('length,schedule,total,warmup', [
-    # 64 images // 8 = 8 steps per epoch: 3 epochs, 1 of warmup
-    (['--epochs=3', '--warmup_epochs=1'], 'cosine', 24, 8),
+@pytest.mark.parametrize('length,schedule,optimizer,total,warmup', [
+    # 32 images // 8 = 4 steps per epoch: 5 epochs, 2 of warmup
+    (['--epochs=5', '--warmup_epochs=2'], 'cosine', 'adamw', 20, 8),
     # max_iters: warmup is warmup_epochs / epochs of the run, whatever an epoch is
-    (['--max_iters=30', '--epochs=10', '--warmup_epochs=2'], 'wsd', 30, 6),
+    (['--max_iters=20', '--epochs=10', '--warmup_epochs=3'], 'wsd', 'muon', 20, 6),
 ])
-def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, monkeypatch, length, schedule, total, warmup):
+def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, monkeypatch, length, schedule, optimizer, total, warmup):
     applied = []  # the lr of every param group of every optimizer, as each step() runs
 
     def hooked(*args, **kwargs):
@@ -88,8 +88,9 @@ def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, monkeypatch, len
     build_optimizers = T.build_optimizers
     monkeypatch.setattr(T, 'build_optimizers', hooked)
     peak = 2e-3
-    T.main(TINY + [f'--out_dir={tmp_path}', '--synthetic_size=(64,8)', '--batch_size=8', '--micro_batch_size=8',
+    T.main(TINY + [f'--out_dir={tmp_path}', '--synthetic_size=(32,8)', '--batch_size=8', '--micro_batch_size=8',
                    '--enc_depth=1', '--eval_interval=1000', '--log_interval=1', f'--lr={peak}', f'--schedule={schedule}',
+                   f'--optimizer={optimizer}',
                    '--cooldown_frac=0.3', '--max_iters=0'] + length)
     want = [reference_lr(s, total, warmup, peak, schedule, 0.3) for s in range(total)]
     logged = [r for r in read_log(tmp_path) if 'lr' in r]
@@ -101,3 +102,147 @@ def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, monkeypatch, len
         lrs = [lr for _, group_lrs in applied[s * n_opt:(s + 1) * n_opt] for lr in group_lrs]
         np.testing.assert_allclose(lrs, want[s], rtol=1e-9, atol=1e-12, err_msg=f'step {s}')
     assert want[warmup - 1] == pytest.approx(peak) and (want[-1] == 0) == (schedule == 'wsd')
+
+
+# --- LAMB ---------------------------------------------------------------------
+
+def test_lamb_follows_its_paper_over_steps_with_changing_gradients():
+    torch.manual_seed(0)
+    w, b = torch.randn(6, 4, requires_grad=True), torch.randn(4, requires_grad=True)
+    lr, (b1, b2), eps, wd = 0.01, (0.8, 0.95), 1e-6, 0.1
+    opt = T.Lamb([dict(params=[w], weight_decay=wd), dict(params=[b], weight_decay=0.0, trust=False)],
+                 lr=lr, betas=(b1, b2), eps=eps)
+    grads = [(torch.randn(6, 4) * (t + 1), torch.randn(4) * (t + 1)) for t in range(5)]  # new each step, growing
+    ref = {'w': w.detach().double().clone(), 'b': b.detach().double().clone()}
+    m = {k: torch.zeros_like(v) for k, v in ref.items()}
+    v = {k: torch.zeros_like(v) for k, v in ref.items()}
+    for t, (gw, gb) in enumerate(grads, start=1):
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        for k, g, decay, trust in (('w', gw.double(), wd, True), ('b', gb.double(), 0.0, False)):
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            m_hat, v_hat = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+            update = m_hat / (v_hat.sqrt() + eps) + decay * ref[k]  # decoupled decay, inside the trust ratio
+            ratio = ref[k].norm() / update.norm() if trust else 1.0
+            ref[k] = ref[k] - lr * ratio * update
+        torch.testing.assert_close(w.detach().double(), ref['w'], rtol=1e-5, atol=1e-6, msg=f'step {t}')
+        torch.testing.assert_close(b.detach().double(), ref['b'], rtol=1e-5, atol=1e-6, msg=f'step {t}')
+
+
+# --- crops and flips ------------------------------------------------------------
+
+def gradient_image(W, H, dx, dy):
+    """Red grows by dx per pixel to the right, green by dy per pixel down: a crop's
+    box and flip can be read back from its pixels. Blue is a smooth texture."""
+    y, x = np.mgrid[0:H, 0:W]
+    return Image.fromarray(np.stack([dx * x, dy * y, 128 + 100 * np.sin(x / 2) * np.cos(y / 3)], -1).astype(np.uint8))
+
+
+def image_folder(root, img):
+    for split in ('train', 'val'):
+        os.makedirs(root / split / 'a')
+        img.save(root / split / 'a' / 'x.png')
+    return root
+
+
+def box_of(crop, dx, dy):
+    """(x0, y0, w, h, flipped) of the source box a crop [S, S, 3] of gradient_image shows:
+    a resize keeps a linear ramp linear, so output pixel j (centre j + 0.5) holds
+    the source value at x0 + (j + 0.5) * w / S."""
+    S = crop.shape[0]
+    j = np.arange(3, S - 3) + 0.5  # away from the borders, where the filter is clipped
+    x_slope, x_at = np.polyfit(j, crop[3:-3, 3:-3, 0].mean(0) / dx, 1)
+    y_slope, y_at = np.polyfit(j, crop[3:-3, 3:-3, 1].mean(1) / dy, 1)
+    flipped = x_slope < 0
+    x0 = x_at + 0.5 + (S * x_slope if flipped else 0)  # a flipped crop starts at its right edge
+    return x0, y_at + 0.5, abs(x_slope) * S, y_slope * S, flipped
+
+
+def quantiles_of(samples, lo, hi):
+    """Deciles of samples, as fractions of [lo, hi]: 0.1, 0.2, ... for a uniform draw."""
+    return (np.quantile(samples, np.linspace(0.1, 0.9, 9)) - lo) / (hi - lo)
+
+
+def test_random_resized_crop_draws_uniform_area_log_uniform_aspect_and_position():
+    rng = np.random.default_rng(0)
+    W = H = 400  # an area of at most 0.3 fits at any aspect: no draw is rejected, the laws are exact
+    boxes = np.array([T.random_resized_crop(W, H, (0.1, 0.3), rng) for _ in range(20000)], dtype=float)
+    x0, y0, w, h = boxes.T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= W).all() and (y0 + h <= H).all()
+    area, log_aspect = w * h / (W * H), np.log(w / h)
+    assert area.min() > 0.1 - 0.005 and area.max() < 0.3 + 0.005
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    assert log_aspect.min() > lo - 0.01 and log_aspect.max() < hi + 0.01
+    deciles = np.linspace(0.1, 0.9, 9)
+    np.testing.assert_allclose(quantiles_of(area, 0.1, 0.3), deciles, atol=0.02)
+    np.testing.assert_allclose(quantiles_of(log_aspect, lo, hi), deciles, atol=0.03)
+    np.testing.assert_allclose(quantiles_of(x0 / (W - w), 0, 1), deciles, atol=0.03)
+    np.testing.assert_allclose(quantiles_of(y0 / (H - h), 0, 1), deciles, atol=0.03)
+    # MAE's range on a landscape photo: from a fifth of the image to all of it, always inside
+    boxes = np.array([T.random_resized_crop(500, 375, (0.2, 1.0), rng) for _ in range(5000)], dtype=float)
+    x0, y0, w, h = boxes.T
+    area = w * h / (500 * 375)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 500).all() and (y0 + h <= 375).all()
+    assert 0.2 - 0.005 < area.min() < 0.21 and area.max() > 0.9
+    assert (np.abs(np.log(w / h)) < math.log(4 / 3) + 0.01).all()
+
+
+def test_train_crops_of_the_dataset_have_the_configured_area_aspect_and_flips(tmp_path):
+    W, H = 64, 48
+    root = image_folder(tmp_path, gradient_image(W, H, 4, 5))
+    train, _ = T.build_datasets(cfg(f'--data_dir={root}', '--img_size=32', '--crop_scale=(0.25,0.5)'), 16)
+    boxes = np.array([box_of(train[(epoch, 0)][0].numpy().astype(float), 4, 5) for epoch in range(1000)])
+    x0, y0, w, h, flipped = boxes.T
+    area, log_aspect = w * h / (W * H), np.log(w / h)
+    # w and h are whole pixels of a small image: a few percent of rounding
+    assert area.min() > 0.25 * 0.93 and area.max() < 0.5 * 1.07 and abs(area.mean() - 0.375) < 0.01
+    assert np.abs(log_aspect).max() < math.log(4 / 3) + 0.06 and abs(log_aspect.mean()) < 0.02
+    assert (x0 > -0.5).all() and (y0 > -0.5).all() and (x0 + w < W + 0.5).all() and (y0 + h < H + 0.5).all()
+    assert x0.min() < 1 and (x0 + w).max() > W - 1 and y0.min() < 1 and (y0 + h).max() > H - 1  # anywhere
+    assert abs(flipped.mean() - 0.5) < 0.06
+
+
+def reference_train_crop(img, S, L, seed, epoch, i, scale):
+    """torchvision's RandomResizedCrop and a horizontal flip, from the rng of (seed, train, epoch, index)
+    after the mask noise: (crop as an array, noise)."""
+    rng = np.random.default_rng([seed, 1, epoch, i])
+    noise = rng.random(L, dtype=np.float32)
+    W, H = img.size
+    while True:  # (never rejected 10 times in a row for this test's image and scale)
+        area = W * H * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if w <= W and h <= H:
+            break
+    x0, y0 = rng.integers(W - w + 1), rng.integers(H - h + 1)
+    crop = img.crop((x0, y0, x0 + w, y0 + h)).resize((S, S), Image.BICUBIC)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(crop).astype(int), noise
+
+
+def test_train_and_val_crop_pixels_match_crops_made_here(tmp_path):
+    img = gradient_image(64, 48, 4, 5)
+    root = image_folder(tmp_path / 'train_data', img)
+    train, _ = T.build_datasets(cfg(f'--data_dir={root}', '--img_size=32', '--crop_scale=(0.2,0.6)', '--seed=3'), 16)
+    flips = []
+    for epoch in range(12):
+        x, _, noise, _ = train[(epoch, 0)]
+        want, want_noise = reference_train_crop(img, 32, 16, 3, epoch, 0, (0.2, 0.6))
+        got = x.numpy().astype(int)
+        np.testing.assert_array_equal(noise.numpy(), want_noise)
+        # the ramps match everywhere; the texture inside (PIL's crop clips the filter at the crop's edge)
+        assert np.abs(got[..., :2] - want[..., :2]).max() <= 1, f'epoch {epoch}'
+        assert np.abs(got[3:-3, 3:-3] - want[3:-3, 3:-3]).max() <= 1, f'epoch {epoch}'
+        flips.append(want[16, 20, 0] < want[16, 10, 0])
+    assert 0 < sum(flips) < len(flips)
+    # val: the short side to S * 256/224 (96 -> 64), then the centre S x S; S = 56 keeps the sizes whole
+    img = gradient_image(120, 96, 2, 2)
+    root = image_folder(tmp_path / 'val_data', img)
+    _, val = T.build_datasets(cfg(f'--data_dir={root}', '--img_size=56'), 0)
+    want = np.asarray(img.resize((80, 64), Image.BICUBIC).crop((12, 4, 68, 60))).astype(int)
+    for epoch in (0, 1):  # no randomness
+        got = val[(epoch, 0)][0].numpy().astype(int)
+        assert np.abs(got[..., :2] - want[..., :2]).max() <= 1
+        assert np.abs(got[3:-3, 3:-3] - want[3:-3, 3:-3]).max() <= 1
