@@ -32,11 +32,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import harness
 import train_mae
 from muon import Muon
 
 # -----------------------------------------------------------------------------
 # config: these keys plus all of train_mae.py's
+_names_before_config = set(globals())
 only = ''  # run one bench: 'train', 'muon_step', 'loader', 'probe_sweep' or 'optim_state'; '' runs them all
 # train
 iters = 10  # timed optimizer steps of batch_size images (the median counts), as train_mae's: with accumulation
@@ -52,8 +54,7 @@ bench_dir = ''  # where the JPEGs are written once and reused; '' = a temporary 
 # probe_sweep (on probe.py's built-in synthetic data, with a random encoder of the model keys)
 probe_epochs = 1
 probe_batch_size = 256
-BENCH_CONFIG = {k: v for k, v in globals().items()
-                if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
+BENCH_CONFIG = harness.settings(globals(), _names_before_config)
 DEFAULTS = {**train_mae.CONFIG, **BENCH_CONFIG}
 
 # On CPU (2 cores is the reference machine) each bench is cut to seconds: train and
@@ -72,11 +73,11 @@ CPU_DEFAULTS = {
 PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('B200', 2.25e15), ('A100', 312e12))
 
 
-def bench_config(name, argv):
-    """The config of bench `name`: the defaults, then CPU_DEFAULTS[name] on CPU, then argv."""
-    c = train_mae.configure(argv, DEFAULTS)
-    on_cpu = c['device'] == 'cpu' or (c['device'] == 'auto' and not torch.cuda.is_available())
-    return SimpleNamespace(**train_mae.configure(argv, {**DEFAULTS, **(CPU_DEFAULTS[name] if on_cpu else {})}))
+def bench_config(name, overrides):
+    """The config of bench `name`: the defaults, then CPU_DEFAULTS[name] on CPU, then the overrides."""
+    device = overrides.get('device', DEFAULTS['device'])
+    on_cpu = device == 'cpu' or (device == 'auto' and not torch.cuda.is_available())
+    return SimpleNamespace(**{**DEFAULTS, **(CPU_DEFAULTS[name] if on_cpu else {}), **overrides})
 
 
 def mae_flops_per_image(c):
@@ -86,17 +87,16 @@ def mae_flops_per_image(c):
     loss are left out. As in MAE.forward, the encoder sees the visible tokens, the
     decoder all of them, and the pixel head only the masked ones."""
     L = (c.img_size // c.patch_size) ** 2
-    keep = int(L * (1 - c.mask_ratio))  # as random_masking
+    keep = train_mae.num_visible(L, c.mask_ratio)
     pixels = 3 * c.patch_size ** 2
 
     def blocks(depth, dim, T):
-        hidden = int(2 / 3 * c.mlp_ratio * dim) if c.swiglu else int(c.mlp_ratio * dim)
+        hidden = train_mae.ffn_hidden(dim, c.mlp_ratio, c.swiglu)
         weights = 4 * dim * dim + (3 if c.swiglu else 2) * dim * hidden  # qkv and proj, then the FFN
         return depth * (2 * T * weights + 2 * 2 * T * T * dim)
 
     if c.stem == 'conv':  # ConvStem's 3x3 stride-2 convs on each patch, widths doubling to enc_dim, then a 1x1
-        n = int(math.log2(c.patch_size))
-        widths = [3] + [c.enc_dim // 2 ** (n - 1 - i) for i in range(n)]
+        widths = train_mae.conv_stem_widths(c.patch_size, c.enc_dim)
         macs = sum(9 * a * b * (c.patch_size >> (i + 1)) ** 2 for i, (a, b) in enumerate(zip(widths, widths[1:])))
         stem = 2 * L * (macs + c.enc_dim ** 2)
     else:
@@ -140,11 +140,9 @@ def model_name(c):
 # the benches: each yields its JSON records
 
 def bench_train(c):
-    _, _, _, _, dev, autocast = train_mae.setup(c)
-    if c.batch_size % c.micro_batch_size:
-        raise train_mae.ConfigError(f"--batch_size={c.batch_size} is not divisible by "
-                                    f"--micro_batch_size={c.micro_batch_size}")
-    accum = c.batch_size // c.micro_batch_size
+    rt = harness.setup(c)
+    dev, autocast = rt.device, rt.autocast
+    accum = harness.accumulation(c.batch_size, c.micro_batch_size, 1)
     torch.manual_seed(c.seed)
     model = train_mae.build_model(c).to(dev)
     optimizers = train_mae.build_optimizers(model, c, dev.split(':')[0], log=lambda *a: None)
@@ -176,7 +174,7 @@ def bench_train(c):
         peak_mem_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     flops = mae_flops_per_image(c)
     peak = c.peak_flops or gpu_peak_flops(dev)
-    dtype = c.dtype if c.dtype != 'auto' else 'bfloat16' if dev.startswith('cuda') else 'float32'  # as setup's
+    dtype = harness.resolve_dtype(c.dtype, dev)
     yield dict(name='train', imgs_per_sec=imgs_per_sec, mfu=flops * imgs_per_sec / peak if peak else None,
                peak_mem_gb=peak_mem_gb, device=device_name(dev), model=model_name(c), gflop_per_img=flops / 1e9,
                tflops=flops * imgs_per_sec / 1e12, warmup_s=warmup_s, batch_size=c.batch_size,
@@ -185,7 +183,7 @@ def bench_train(c):
 
 
 def bench_muon_step(c):
-    _, _, _, _, dev, _ = train_mae.setup(c)
+    dev = harness.setup(c).device
     torch.manual_seed(c.seed)  # the same gradients on every rank, as after DDP's all-reduce
     model = train_mae.build_model(c).to(dev)
     # the Muon group of build_optimizers(optimizer='muon'): every nn.Linear weight, all 2D
@@ -243,7 +241,7 @@ def bench_loader(c):
         dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale)
         mb = c.micro_batch_size
         if n < mb:
-            raise train_mae.ConfigError(f"--loader_images={n} is fewer than --micro_batch_size={mb}")
+            raise harness.ConfigError(f"--loader_images={n} is fewer than --micro_batch_size={mb}")
         cpus = os.cpu_count()
         workers = c.loader_workers or tuple(2 ** k for k in range(int(math.log2(cpus)) + 1))
         for w in workers:
@@ -312,17 +310,18 @@ def emit(record):
 
 
 def main(argv):
-    name = train_mae.configure(argv, DEFAULTS)['only']
+    overrides = harness.parse(argv, DEFAULTS)  # once: each bench's config is built from these
+    name = overrides.get('only', only)
     if name and name not in BENCHES:
-        raise train_mae.ConfigError(f"--only={name!r}: must be one of {', '.join(BENCHES)}")
+        raise harness.ConfigError(f"--only={name!r}: must be one of {', '.join(BENCHES)}")
     if 'RANK' in os.environ and name != 'muon_step':
-        raise train_mae.ConfigError("under torchrun only --only=muon_step runs (distributed Muon)")
+        raise harness.ConfigError("under torchrun only --only=muon_step runs (distributed Muon)")
     for bench in [name] if name else BENCHES:
-        for record in BENCHES[bench](bench_config(bench, argv)):
+        for record in BENCHES[bench](bench_config(bench, overrides)):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 emit(record)
     if dist.is_initialized():
-        train_mae.shutdown_distributed()
+        harness.shutdown_distributed()
 
 
 if __name__ == '__main__':

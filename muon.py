@@ -35,11 +35,12 @@ def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.031
     if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
         X = X.mT
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    X = (X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)).contiguous()
+    Y = torch.empty_like(X)  # the iterates alternate between X and Y
     for _ in range(steps):
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+        X, Y = torch.baddbmm(X, B, X, beta=a, out=Y), X  # a*X + B@X
     return (X.mT if tall else X).reshape(G.shape)
 
 

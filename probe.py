@@ -13,6 +13,7 @@ more than any probe, runs once per batch for all of them. Writes
 out_dir/probe_results.json (top-1 on the val split, a fraction, as the blog reports
 it) and prints a table.
 """
+import dataclasses
 import json
 import math
 import os
@@ -26,13 +27,15 @@ import torch.nn.functional as F
 
 import train_mae
 from muon import adjusted_lr, zeropower_via_newtonschulz5
-from train_mae import ConfigError
+import harness
+from harness import ConfigError
 
 # -----------------------------------------------------------------------------
 # config. Override with `python probe.py [config/file.py] --key=value ...`.
 # train_mae.py's model and data keys (img_size, enc_dim, norm, synthetic_size,
 # crop_scale, ...) are keys here too: with a checkpoint they default to its
 # config, and an architecture key that disagrees with it is an error.
+_names_before_config = set(globals())
 ckpt = ''  # a train_mae.py ckpt.pt; '' probes a randomly initialised encoder (the baseline)
 data_dir = ''  # '' = the checkpoint's; an ImageFolder root with train/ and val/, or 'synthetic'
 out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (out/probe without one)
@@ -51,9 +54,9 @@ compile = True  # torch.compile the encoder
 num_workers = 10  # DataLoader worker processes per GPU
 seed = 0  # the random encoder, the probes' initial weights, data order, augmentations, synthetic images
 ddp_timeout = 600  # seconds a rank waits in a collective before giving up
-CONFIG = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
+CONFIG = harness.settings(globals(), _names_before_config)
 # all that train_mae.build_model and build_datasets read, besides data_dir and seed
-MODEL_KEYS = train_mae.ARCH_KEYS + ('mask_ratio', 'norm_pix_loss', 'synthetic_size', 'crop_scale')
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(train_mae.ModelConfig)) + ('synthetic_size', 'crop_scale')
 HEAD_DIM = 64
 
 
@@ -179,21 +182,21 @@ class ProbeOptimizer:
 # config and checkpoint
 
 def load_config(argv):
-    """Returns (config namespace, checkpoint dict or None)."""
+    """Returns (config namespace, checkpoint dict or None). The command line is
+    parsed once; its overrides go over defaults that already hold the checkpoint's
+    model and data keys, so a key the user did not set takes the checkpoint's."""
     defaults = {**CONFIG, **{k: train_mae.CONFIG[k] for k in MODEL_KEYS}}
-    c = train_mae.configure(argv, defaults)
+    overrides = harness.parse(argv, defaults)
     ckpt = None
-    if c['ckpt']:
-        ckpt = train_mae.load_checkpoint(c['ckpt'])
-        # once more with the checkpoint's values as defaults: a key the user did
-        # not set takes the checkpoint's, one the user set is checked against it
-        c = train_mae.configure(argv, {**defaults, **{k: ckpt['config'][k] for k in MODEL_KEYS}})
-        c['data_dir'] = c['data_dir'] or ckpt['config']['data_dir']
-    c = SimpleNamespace(**c)
+    if overrides.get('ckpt', defaults['ckpt']):
+        ckpt = harness.load_checkpoint(overrides['ckpt'])
+        defaults.update({k: ckpt['config'][k] for k in MODEL_KEYS + ('data_dir',)})
+    c = SimpleNamespace(**{**defaults, **overrides})
+    c.data_dir = c.data_dir or defaults['data_dir']  # --data_dir= (empty) keeps the checkpoint's
     if ckpt is not None:
-        train_mae.check_architecture(c, ckpt)  # "--enc_dim=128 does not match the checkpoint's 384"
+        harness.check_architecture(c, ckpt, train_mae.ARCH_KEYS)  # "--enc_dim=128 does not match the checkpoint's 384"
     c.out_dir = c.out_dir or (os.path.dirname(c.ckpt) if c.ckpt else os.path.join('out', 'probe'))
-    train_mae.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
+    harness.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
     if c.probe_optimizer not in ('adamw', 'muon'):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
     if c.head not in ('attentive', 'linear', 'both'):
@@ -211,9 +214,9 @@ def load_config(argv):
 
 def main(argv):
     c, ckpt = load_config(argv)
-    ddp, rank, local_rank, world, dev, autocast = train_mae.setup(c)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    rt = harness.setup(c)
+    dev, autocast, world = rt.device, rt.autocast, rt.world
+    log = print if rt.master else (lambda *a, **k: None)
     if c.batch_size % world:
         raise ConfigError(f"--batch_size={c.batch_size} is not divisible by {world} processes")
     micro = c.batch_size // world  # no accumulation: one step = one global batch split across ranks
@@ -232,12 +235,12 @@ def main(argv):
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
     total, warmup = c.epochs * steps_per_epoch, c.warmup_epochs * steps_per_epoch
     results_path = os.path.join(c.out_dir, 'probe_results.json')
-    if master:
-        train_mae.make_out_dir(c.out_dir)
+    if rt.master:
+        harness.make_out_dir(c.out_dir)
     pin = dev.startswith('cuda')
     train_loader = train_mae.make_loader(train_set, train_mae.TrainBatches(
-        len(train_set), c.batch_size, micro, rank, world, c.seed, 0, total), c.num_workers, pin)
-    val_loader = train_mae.make_loader(val_set, train_mae.val_batches(len(val_set), micro, rank, world),
+        len(train_set), c.batch_size, micro, rt.rank, world, c.seed, 0, total), c.num_workers, pin)
+    val_loader = train_mae.make_loader(val_set, train_mae.val_batches(len(val_set), micro, rt.rank, world),
                                        c.num_workers, pin)
 
     grid = [(lr, wd) for lr in c.lrs for wd in c.wds]
@@ -256,17 +259,17 @@ def main(argv):
         f"{c.batch_size} images, {world} process(es), encoder {'from ' + c.ckpt if c.ckpt else 'random'}")
 
     from tqdm import tqdm
-    bar = tqdm(total=total, disable=not master, dynamic_ncols=True)
-    for step, (imgs, labels, _, _) in enumerate(train_loader):
+    bar = tqdm(total=total, disable=not rt.master, dynamic_ncols=True)
+    for step, batch in enumerate(train_loader):
         with torch.no_grad(), autocast:
-            x = features(train_mae.to_device(imgs, dev))  # [n, L, D], shared by all probes
-        labels = labels.to(dev, non_blocking=True)
+            x = features(train_mae.to_device(batch.imgs, dev))  # [n, L, D], shared by all probes
+        labels = batch.labels.to(dev, non_blocking=True)
         for probes, optimizer in heads.values():
             with autocast:
                 logits = probes(x)  # [P, n, classes]
             losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(P), reduction='none').view(P, -1).mean(1)
             losses.sum().backward()  # a sum: each probe gets the gradient of its own loss
-            if ddp:  # average over ranks; the probes are too small for DDP's bucketing to matter
+            if rt.ddp:  # average over ranks; the probes are too small for DDP's bucketing to matter
                 for p in probes.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= world
@@ -281,14 +284,14 @@ def main(argv):
     for probes, _ in heads.values():
         probes.eval()  # the linear probe's BatchNorm: running statistics
     with torch.no_grad(), autocast:
-        for imgs, labels, _, _ in val_loader:
-            x = features(train_mae.to_device(imgs, dev))
+        for batch in val_loader:
+            x = features(train_mae.to_device(batch.imgs, dev))
             for name, (probes, _) in heads.items():
-                correct[name] += (probes(x).argmax(-1) == labels.to(dev)).sum(1)
-    if ddp:
+                correct[name] += (probes(x).argmax(-1) == batch.labels.to(dev)).sum(1)
+    if rt.ddp:
         for n in correct.values():
             dist.all_reduce(n)
-        train_mae.shutdown_distributed()
+        harness.shutdown_distributed()
     results = [dict(head=name, lr=lr, weight_decay=wd, top1=acc) for name, n in correct.items()
                for (lr, wd), acc in zip(grid, (n.double() / len(val_set)).tolist())]
     out = dict(results=results, best=max(results, key=lambda r: r['top1']))
@@ -296,7 +299,7 @@ def main(argv):
                 for name in heads]
     if any(warnings):
         out['warning'] = ' '.join(w for w in warnings if w)
-    if master:
+    if rt.master:
         with open(results_path, 'w') as f:
             json.dump(out, f, indent=1)
         for name in heads:

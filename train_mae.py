@@ -7,19 +7,14 @@ Reads top to bottom: config, model (ViT block, MAE), data, optimizers and
 schedules, the training loop. Importing it runs nothing: probe.py, bench.py
 and the tests reuse its model and data code.
 """
-import ast
 import contextlib
+import dataclasses
 import functools
-import io
-import json
 import math
 import os
-import re
-import signal
 import sys
-import time
-from datetime import timedelta
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,12 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import harness
+from harness import ConfigError
 from muon import Muon
 from optimizers import Adafactor, Lamb
 
 # -----------------------------------------------------------------------------
 # config: every knob, with the blog's ViT-S/16 ImageNet recipe as defaults.
-# Override with `python train_mae.py [config/file.py] --key=value ...`
+# Override with `python train_mae.py [config/file.py] --key=value ...` (harness.py parses and checks)
+_names_before_config = set(globals())
 # data
 data_dir = ''  # ImageFolder root with train/ and val/ (ImageNet layout), or 'synthetic'
 synthetic_size = (10000, 1000)  # (train, val) images of the built-in 'synthetic' data set
@@ -87,105 +85,42 @@ dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16'
 device = 'auto'  # 'auto', 'cuda' or 'cpu'
 seed = 0
 ddp_timeout = 600  # seconds a rank waits in a collective before giving up (a dead peer)
-CONFIG = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
-ARCH_KEYS = ('img_size', 'patch_size', 'enc_dim', 'enc_depth', 'enc_heads', 'dec_dim', 'dec_depth',
-             'dec_heads', 'mlp_ratio', 'norm', 'swiglu', 'bias', 'stem')  # a checkpoint's shape
-CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
-               muon_adjust_lr=('original', 'match_rms_adamw'), schedule=('cosine', 'wsd', 'rsqrt'),
-               init_from=('scratch', 'resume'), dtype=('auto', 'bfloat16', 'float32'),
-               device=('auto', 'cuda', 'cpu'), state_dtype=('float32', 'bfloat16'))
-
-
-class ConfigError(SystemExit):
-    """A bad setting: exits with a one-line message naming the key."""
-
-    def __init__(self, msg):
-        super().__init__(f"error: {msg}")
-
-
-def configure(argv, defaults):
-    """Apply config files and --key=value overrides to a copy of `defaults`,
-    checking that each key exists and each value has the default's type."""
-    cfg = dict(defaults)
-    for arg in argv:
-        if arg.startswith('--'):
-            key, eq, text = arg[2:].partition('=')
-            if not eq:
-                raise ConfigError(f"{arg}: expected --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string: --data_dir=/imagenet
-            if isinstance(cfg.get(key), str) and not isinstance(value, str):
-                value = text  # --out_dir=123 is a string
-            updates = {key: value}
-        else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file not found: {arg}")
-            scope = {}
-            try:
-                exec(open(arg).read(), scope)
-            except Exception as e:
-                raise ConfigError(f"config file {arg}: {type(e).__name__}: {e}")
-            updates = {k: v for k, v in scope.items() if not k.startswith('_') and not callable(v)
-                       and type(v).__name__ != 'module'}
-        for key, value in updates.items():
-            if key not in cfg:
-                raise ConfigError(f"unknown config key '{key}'")
-            cfg[key] = _coerce(key, value, cfg[key])
-    return cfg
-
-
-def _coerce(key, value, default):
-    want = type(default)
-    if want is float and type(value) is int:
-        return float(value)
-    if want is tuple and isinstance(value, list):
-        value = tuple(value)
-    if type(value) is not want:
-        raise ConfigError(f"--{key}={value!r}: expected {want.__name__} like {default!r}")
-    if want is tuple and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"--{key}={value!r}: expected a tuple of numbers like {default!r}")
-    return value
-
-
-def check_config(c):
-    """The settings that cannot work, caught before any work is done."""
-    for key, allowed in CHOICES.items():
-        if getattr(c, key) not in allowed:
-            raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(allowed)}")
-    if not c.data_dir:
-        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, or 'synthetic'")
-    if c.img_size % c.patch_size:
-        raise ConfigError(f"--img_size={c.img_size} is not divisible by --patch_size={c.patch_size}")
-    if c.stem == 'conv' and (c.patch_size < 2 or c.patch_size & (c.patch_size - 1)):
-        raise ConfigError(f"--patch_size={c.patch_size}: stem='conv' needs a power of two")
-    for dim, heads in (('enc_dim', 'enc_heads'), ('dec_dim', 'dec_heads')):
-        if getattr(c, dim) % getattr(c, heads):
-            raise ConfigError(f"--{heads}={getattr(c, heads)} does not divide --{dim}={getattr(c, dim)}")
-        if getattr(c, dim) % 4:
-            raise ConfigError(f"--{dim}={getattr(c, dim)}: the 2D sin-cos position embedding needs a multiple of 4")
-    if not 0 <= c.mask_ratio < 1:
-        raise ConfigError(f"--mask_ratio={c.mask_ratio}: must be in [0, 1)")
-    L = (c.img_size // c.patch_size) ** 2
-    if not 0 < int(L * (1 - c.mask_ratio)) < L:
-        raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")
-    for key in ('batch_size', 'micro_batch_size', 'eval_interval', 'log_interval'):
-        if getattr(c, key) < 1:
-            raise ConfigError(f"--{key}={getattr(c, key)}: must be >= 1")
-    if len(c.betas) != 2 or len(c.crop_scale) != 2 or len(c.synthetic_size) != 2:
-        raise ConfigError("--betas, --crop_scale and --synthetic_size take two values each")
-    if not 0 <= c.cooldown_frac <= 1:
-        raise ConfigError(f"--cooldown_frac={c.cooldown_frac}: must be in [0, 1]")
-    if c.state_dtype == 'bfloat16' and c.optimizer not in ('muon', 'lamb'):  # a flag that would do nothing
-        raise ConfigError(f"--state_dtype=bfloat16 applies to optimizer muon (its momentum) or lamb (its first "
-                          f"moment), not --optimizer={c.optimizer}")
-    if c.muon_conv and (c.optimizer != 'muon' or c.stem != 'conv'):
-        raise ConfigError(f"--muon_conv=True needs --optimizer=muon and --stem=conv (got {c.optimizer}, {c.stem})")
+wandb_log = False  # also log to Weights & Biases (an optional extra: pip install wandb)
+wandb_project = 'nanomae'
+wandb_run_name = ''  # '' = wandb's generated name
+CONFIG = harness.settings(globals(), _names_before_config)  # every constant above, by name
 
 
 # -----------------------------------------------------------------------------
 # model: one pre-norm ViT block, used by the encoder and the decoder
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What the MAE reads of the config (the constants above, by the same names)."""
+    img_size: int
+    patch_size: int
+    enc_dim: int
+    enc_depth: int
+    enc_heads: int
+    dec_dim: int
+    dec_depth: int
+    dec_heads: int
+    mlp_ratio: float
+    norm: str
+    swiglu: bool
+    bias: bool
+    stem: str
+    mask_ratio: float  # these two shape the loss, not the weights
+    norm_pix_loss: bool
+
+    @classmethod
+    def of(cls, c):  # c: any namespace with these keys
+        return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
+
+
+# the keys that shape the weights: a checkpoint loads only where they match
+ARCH_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ('mask_ratio', 'norm_pix_loss'))
+
 
 def make_norm(kind, dim):
     # LayerNorm keeps its shift whatever `bias` says (as the blog's code): the
@@ -232,12 +167,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio, norm, swiglu, bias):
+    def __init__(self, dim, heads, cfg):
         super().__init__()
-        self.norm1 = make_norm(norm, dim)
-        self.attn = Attention(dim, heads, bias)
-        self.norm2 = make_norm(norm, dim)
-        self.mlp = FeedForward(dim, mlp_ratio, swiglu, bias)
+        self.norm1 = make_norm(cfg.norm, dim)
+        self.attn = Attention(dim, heads, cfg.bias)
+        self.norm2 = make_norm(cfg.norm, dim)
+        self.mlp = FeedForward(dim, cfg.mlp_ratio, cfg.swiglu, cfg.bias)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -254,8 +189,7 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size, dim, bias):
         super().__init__()
-        n = int(math.log2(patch_size))
-        widths = [3] + [dim // 2 ** (n - 1 - i) for i in range(n)]
+        widths = conv_stem_widths(patch_size, dim)
         layers = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             # GroupNorm(1) normalises each patch on its own: BatchNorm would mix samples
@@ -268,6 +202,12 @@ class ConvStem(nn.Module):
         p = self.patch_size
         x = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, p, p)
         return self.convs(x).reshape(N, (H // p) * (W // p), -1)
+
+
+def conv_stem_widths(patch_size, dim):
+    """Channels of the conv stem: 3, then doubling per 3x3 stride-2 conv up to dim."""
+    n = int(math.log2(patch_size))
+    return [3] + [dim // 2 ** (n - 1 - i) for i in range(n)]
 
 
 class PatchStem(nn.Module):
@@ -291,26 +231,23 @@ def sincos_pos_embed(dim, grid):
 
 
 class MAE(nn.Module):
-    def __init__(self, img_size=224, patch_size=16, enc_dim=384, enc_depth=12, enc_heads=6, dec_dim=384,
-                 dec_depth=8, dec_heads=16, mlp_ratio=4.0, norm='layernorm', swiglu=False, bias=True,
-                 stem='patch', mask_ratio=0.6, norm_pix_loss=True):
+    def __init__(self, cfg):
         super().__init__()
-        self.patch_size, self.mask_ratio, self.norm_pix_loss = patch_size, mask_ratio, norm_pix_loss
-        grid = img_size // patch_size
+        self.patch_size, self.mask_ratio, self.norm_pix_loss = cfg.patch_size, cfg.mask_ratio, cfg.norm_pix_loss
+        grid = cfg.img_size // cfg.patch_size
         self.num_patches = grid * grid
-        block = lambda dim, heads: Block(dim, heads, mlp_ratio, norm, swiglu, bias)
         # encoder
-        self.patch_embed = (ConvStem if stem == 'conv' else PatchStem)(patch_size, enc_dim, bias)
-        self.register_buffer('pos_embed', sincos_pos_embed(enc_dim, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList([block(enc_dim, enc_heads) for _ in range(enc_depth)])
-        self.norm = make_norm(norm, enc_dim)
+        self.patch_embed = (ConvStem if cfg.stem == 'conv' else PatchStem)(cfg.patch_size, cfg.enc_dim, cfg.bias)
+        self.register_buffer('pos_embed', sincos_pos_embed(cfg.enc_dim, grid)[None], persistent=False)
+        self.blocks = nn.ModuleList([Block(cfg.enc_dim, cfg.enc_heads, cfg) for _ in range(cfg.enc_depth)])
+        self.norm = make_norm(cfg.norm, cfg.enc_dim)
         # decoder
-        self.decoder_embed = nn.Linear(enc_dim, dec_dim, bias=bias)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
-        self.register_buffer('decoder_pos_embed', sincos_pos_embed(dec_dim, grid)[None], persistent=False)
-        self.decoder_blocks = nn.ModuleList([block(dec_dim, dec_heads) for _ in range(dec_depth)])
-        self.decoder_norm = make_norm(norm, dec_dim)
-        self.decoder_pred = nn.Linear(dec_dim, patch_size ** 2 * 3, bias=bias)
+        self.decoder_embed = nn.Linear(cfg.enc_dim, cfg.dec_dim, bias=cfg.bias)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
+        self.register_buffer('decoder_pos_embed', sincos_pos_embed(cfg.dec_dim, grid)[None], persistent=False)
+        self.decoder_blocks = nn.ModuleList([Block(cfg.dec_dim, cfg.dec_heads, cfg) for _ in range(cfg.dec_depth)])
+        self.decoder_norm = make_norm(cfg.norm, cfg.dec_dim)
+        self.decoder_pred = nn.Linear(cfg.dec_dim, cfg.patch_size ** 2 * 3, bias=cfg.bias)
         self.apply(self._init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -338,7 +275,7 @@ class MAE(nn.Module):
         noise. x [N, L, D], noise [N, L]. Returns the visible tokens [N, keep, D],
         ids_restore [N, L] (undoes the shuffle) and ids_masked [N, L - keep]."""
         N, L, D = x.shape
-        keep = int(L * (1 - self.mask_ratio))
+        keep = num_visible(L, self.mask_ratio)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         x_visible = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
@@ -390,10 +327,13 @@ class MAE(nn.Module):
         return self.forward_loss(imgs, pred, ids_masked), pred, ids_masked
 
 
+def num_visible(num_patches, mask_ratio):
+    return int(num_patches * (1 - mask_ratio))
+
+
 def build_model(c):
-    """The MAE of config `c` (a namespace or dict of the keys above)."""
-    c = vars(c) if isinstance(c, SimpleNamespace) else c
-    return MAE(**{k: c[k] for k in ARCH_KEYS}, mask_ratio=c['mask_ratio'], norm_pix_loss=c['norm_pix_loss'])
+    """The MAE of config namespace `c`."""
+    return MAE(ModelConfig.of(c))
 
 
 # -----------------------------------------------------------------------------
@@ -494,10 +434,16 @@ def random_resized_crop(W, H, scale, rng, ratio=(3 / 4, 4 / 3)):
     return (W - w) // 2, (H - h) // 2, w, h
 
 
+class Sample(NamedTuple):  # batched by the DataLoader into the same fields, stacked
+    imgs: torch.Tensor  # uint8 [S, S, 3]
+    labels: int
+    noise: torch.Tensor  # [L] mask noise: the smallest int(L * (1 - mask_ratio)) are visible
+    skipped: int  # unreadable files skipped to make this sample
+
+
 class MAEDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, i): returns (uint8 image [S, S, 3], label, mask noise [L],
-    number of unreadable files skipped to make it). Train: RandomResizedCrop +
-    flip; val: the short side resized to S * 256/224, then the centre S x S."""
+    """Indexed by (epoch, i): returns a Sample. Train: RandomResizedCrop + flip;
+    val: the short side resized to S * 256/224, then the centre S x S."""
 
     def __init__(self, source, img_size, train, num_patches, seed, crop_scale=(0.2, 1.0)):
         self.source, self.img_size, self.train = source, img_size, train
@@ -515,7 +461,7 @@ class MAEDataset(torch.utils.data.Dataset):
             j = (i + skipped) % len(self.source)
             try:
                 img, label = self.load(j, rng)
-                return torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped
+                return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 if self.warnings < 3:  # per worker: a few lines, not a flood; the count goes in the log
                     print(f"warning: skipping unreadable image {self.source.samples[j][0]}: {e}", file=sys.stderr)
@@ -670,134 +616,6 @@ def lr_factor(step, total, warmup, schedule, cooldown_frac):
     return base
 
 
-# -----------------------------------------------------------------------------
-# checkpoints, evaluation, pictures
-
-def save_checkpoint(path, obj):
-    """Atomic: write a temporary file, fsync, rename. A crash or a full disk
-    while saving leaves the previous checkpoint as it was."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast):
-    """Mean masked-patch loss over the val split (all ranks), with fixed masks."""
-    total = torch.zeros(2, device=device, dtype=torch.float64)
-    for imgs, _, noise, _ in loader:
-        with autocast:
-            loss, _, _ = model(to_device(imgs, device), noise.to(device))
-        total[0] += loss.double() * len(imgs)
-        total[1] += len(imgs)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def save_reconstructions(model, dataset, path, device, n=8):
-    """recon.png: rows of original | masked | reconstruction (visible patches pasted in)."""
-    imgs, _, noise, _ = torch.utils.data.default_collate([dataset[(0, i)] for i in range(min(n, len(dataset)))])
-    x = to_device(imgs, device)
-    _, pred, ids_masked = model(x, noise.to(device))
-    target = model.patchify(x)
-    idx = ids_masked[..., None].expand(-1, -1, target.size(-1))
-    if model.norm_pix_loss:  # predictions are per-patch normalised: show them with each patch's own mean and std
-        patches = torch.gather(target, 1, idx)
-        pred = pred.float() * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
-    masked = target.scatter(1, idx, torch.full_like(pred, -2.0, dtype=target.dtype))  # near black
-    recon = target.scatter(1, idx, pred.to(target.dtype))
-    mean, std = imagenet_stats(device)
-    rows = [torch.cat([x, model.unpatchify(masked), model.unpatchify(recon)], dim=3) * std + mean]
-    grid = torch.cat(rows[0].unbind(0), dim=1)  # [3, n*H, 3*W]
-    img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-    scale = max(1, 128 // x.size(-1))  # small images: blow up to >= 128 px each, pixels kept sharp
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def make_out_dir(out_dir):
-    """Create out_dir and check it is writable: fail now, not after hours of work."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        open(os.path.join(out_dir, '.write_test'), 'w').close()
-        os.remove(os.path.join(out_dir, '.write_test'))
-    except OSError as e:
-        raise ConfigError(f"--out_dir={out_dir!r} is not writable: {e}")
-
-
-def load_checkpoint(path):
-    """A nanoMAE checkpoint, loaded with weights_only=True: tensors and plain Python
-    values only, so a shared or downloaded file cannot run code when it is read."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or a pickle that wants to build arbitrary objects
-        wanted = re.search(r'GLOBAL ([\w.]+)', str(e))
-        if wanted:  # refused, not run
-            raise ConfigError(f"{path} asks to call {wanted[1]} when loaded, refused: a nanoMAE checkpoint holds "
-                              f"tensors and plain values only, and loading one never runs code")
-        raise ConfigError(f"cannot read checkpoint {path}: it is not a readable nanoMAE checkpoint "
-                          f"({type(e).__name__}: {str(e).strip()[:120]!r})")
-    if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
-        raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
-    return ckpt
-
-
-def check_architecture(c, ckpt):
-    """A checkpoint loads only into the same architecture."""
-    for key in ARCH_KEYS:
-        if ckpt['config'][key] != getattr(c, key):
-            raise ConfigError(f"--{key}={getattr(c, key)!r} does not match the checkpoint's {ckpt['config'][key]!r}")
-
-
-# A resume continues the same run: these keys may change (they do not change which
-# images, masks, updates and learning rates the run sees), the schedule's length may
-# change only where the steps done keep their lr (a wsd/rsqrt cooldown from an
-# intermediate checkpoint), and every other key is refused unless named in
-# --resume_override (recorded in log.jsonl).
-RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_size', 'eval_interval', 'log_interval',
-               'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log', 'wandb_project',
-               'wandb_run_name')
-RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
-
-
-def check_resume(c, ckpt, train_images):
-    """Refuse a resume that would silently become another run. Returns the overridden keys."""
-    old = ckpt['config']
-    overrides = [k for k in c.resume_override.split(',') if k]
-    for key in overrides:
-        if key not in old:
-            raise ConfigError(f"--resume_override={c.resume_override}: unknown key '{key}'")
-    check_architecture(c, ckpt)
-    for key, value in old.items():
-        new = getattr(c, key)
-        if new == value or key in RESUME_FREE or key in RESUME_SCHEDULE or key in overrides:
-            continue
-        raise ConfigError(f"--{key}={new!r} differs from the checkpoint's {value!r}: a resume continues the same run "
-                          f"(start another out_dir, or --resume_override={key})")
-    if ckpt.get('train_images', train_images) != train_images and 'data_dir' not in overrides:
-        raise ConfigError(f"the training set has {train_images} images, the checkpoint's run had "
-                          f"{ckpt['train_images']}: another data set (--resume_override=data_dir to go on anyway)")
-    done = ckpt['step']
-    before, after = (run_schedule(SimpleNamespace(**cfg), train_images) for cfg in (old, vars(c)))
-    changed = [k for k in RESUME_SCHEDULE if getattr(c, k) != old[k] and k not in overrides]
-    if changed and any(before(s) != after(s) for s in range(done)):
-        key = changed[0]
-        raise ConfigError(f"--{key}={getattr(c, key)!r} (checkpoint: {old[key]!r}) changes the lr of the {done} steps "
-                          f"already done: only a wsd/rsqrt run may be shortened, to cool down from a checkpoint")
-    return {k: (old[k], getattr(c, k)) for k in overrides if old[k] != getattr(c, k)}
-
-
 def run_schedule(c, train_images):
     """step -> lr factor of the run of config c on a training set of train_images."""
     total, warmup = run_length(c, train_images)
@@ -813,70 +631,74 @@ def run_length(c, train_images):
 
 
 # -----------------------------------------------------------------------------
+# evaluation, pictures
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast):
+    """Mean masked-patch loss over the val split (all ranks), with fixed masks."""
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for batch in loader:
+        with autocast:
+            loss, _, _ = model(to_device(batch.imgs, device), batch.noise.to(device))
+        total[0] += loss.double() * len(batch.imgs)
+        total[1] += len(batch.imgs)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def save_reconstructions(model, dataset, path, device, n=8):
+    """recon.png: rows of original | masked | reconstruction (visible patches pasted in)."""
+    batch = torch.utils.data.default_collate([dataset[(0, i)] for i in range(min(n, len(dataset)))])
+    x = to_device(batch.imgs, device)
+    _, pred, ids_masked = model(x, batch.noise.to(device))
+    target = model.patchify(x)
+    idx = ids_masked[..., None].expand(-1, -1, target.size(-1))
+    if model.norm_pix_loss:  # predictions are per-patch normalised: show them with each patch's own mean and std
+        patches = torch.gather(target, 1, idx)
+        pred = pred.float() * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
+    masked = target.scatter(1, idx, torch.full_like(pred, -2.0, dtype=target.dtype))  # near black
+    recon = target.scatter(1, idx, pred.to(target.dtype))
+    mean, std = imagenet_stats(device)
+    rows = [torch.cat([x, model.unpatchify(masked), model.unpatchify(recon)], dim=3) * std + mean]
+    grid = torch.cat(rows[0].unbind(0), dim=1)  # [3, n*H, 3*W]
+    img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+    scale = max(1, 128 // x.size(-1))  # small images: blow up to >= 128 px each, pixels kept sharp
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+# -----------------------------------------------------------------------------
 # training
 
-def setup(c):
-    """Device, torch.distributed (when launched by torchrun: nccl on CUDA, gloo
-    on CPU) and autocast for config c (keys device, dtype, ddp_timeout).
-    Returns (ddp, rank, local_rank, world, device, autocast context)."""
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    dev = c.device if c.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    if dev == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but no CUDA device is visible")
-    rank, local_rank, world = 0, 0, 1
-    if ddp:
-        dist.init_process_group('nccl' if dev == 'cuda' else 'gloo', timeout=timedelta(seconds=c.ddp_timeout))
-        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
-    if dev == 'cuda':
-        dev = f'cuda:{local_rank}'
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = c.dtype if c.dtype != 'auto' else 'bfloat16' if dev.startswith('cuda') else 'float32'
-    autocast = torch.autocast(dev.split(':')[0], dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
-    return ddp, rank, local_rank, world, dev, autocast
-
-
-def shutdown_distributed():
-    """A barrier, then the teardown: with gloo, a rank that tears down while a peer
-    still finishes its last collective can abort that peer at exit."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def main(argv):
-    c = SimpleNamespace(**configure(argv, CONFIG))
-    check_config(c)
-    ddp, rank, local_rank, world, dev, autocast = setup(c)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if c.batch_size % (c.micro_batch_size * world):
-        raise ConfigError(f"--batch_size={c.batch_size} is not divisible by --micro_batch_size={c.micro_batch_size}"
-                          f" x {world} processes")
-    accum = c.batch_size // (c.micro_batch_size * world)
+    c = SimpleNamespace(**harness.configure(argv, CONFIG))
+    harness.check_config(c)
+    rt = harness.setup(c)
+    dev, log = rt.device, print if rt.master else (lambda *a, **k: None)
+    accum = harness.accumulation(c.batch_size, c.micro_batch_size, rt.world)
     ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
-
-    ckpt = None
-    if c.init_from == 'resume':
-        ckpt = load_checkpoint(ckpt_path)
-    elif os.path.exists(ckpt_path):
+    ckpt = harness.load_checkpoint(ckpt_path) if c.init_from == 'resume' else None
+    if ckpt is None and os.path.exists(ckpt_path):
         log(f"warning: --init_from=scratch: {ckpt_path} will be overwritten at the first evaluation")
-    if master:
-        make_out_dir(c.out_dir)
+    if rt.master:
+        harness.make_out_dir(c.out_dir)
 
     torch.manual_seed(c.seed)  # the same initial weights on every rank
     model = build_model(c).to(dev)
     train_set, val_set = build_datasets(c, model.num_patches)
-    steps_per_epoch = len(train_set) // c.batch_size
-    if steps_per_epoch == 0:
+    if len(train_set) < c.batch_size:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
     total, warmup = run_length(c, len(train_set))
-    overridden = check_resume(c, ckpt, len(train_set)) if ckpt is not None else {}
-    log(f"{len(train_set):,} train / {len(val_set):,} val images, {steps_per_epoch} steps per epoch, {total} steps "
-        f"({warmup} warmup), {world} process(es) x {accum} accumulation x {c.micro_batch_size} = {c.batch_size}")
+    log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(train_set) // c.batch_size} steps per epoch, "
+        f"{total} steps ({warmup} warmup), {rt.world} process(es) x {accum} accumulation x {c.micro_batch_size} "
+        f"= {c.batch_size}")
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizers = build_optimizers(model, c, dev.split(':')[0], log)
-    step, best_val = 0, float('inf')
+    step, best_val, overridden = 0, float('inf'), {}
     if ckpt is not None:
+        harness.check_architecture(c, ckpt, ARCH_KEYS)
+        overridden = harness.check_resume(c, ckpt, len(train_set), run_schedule)
         try:
             model.load_state_dict(ckpt['model'])
             for opt, state in zip(optimizers, ckpt['optimizers'], strict=True):
@@ -885,115 +707,75 @@ def main(argv):
             raise ConfigError(f"{ckpt_path} does not fit this run's model or optimizers: {str(e).splitlines()[0]}")
         step, best_val = ckpt['step'], ckpt['best_val_loss']
         log(f"resumed from {ckpt_path} at step {step}" + (f", overriding {overridden}" if overridden else ""))
+    runlog = harness.RunLog(c, rt.master, step, ckpt and ckpt.get('wandb_id'))
+    if overridden:  # the record of what the resumed run changed: {key: [checkpoint's, new]}
+        runlog.write(step=step, resume_override=overridden)
     del ckpt
 
     compiled = torch.compile(model) if c.compile else model
-    train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=[local_rank] if dev.startswith('cuda') else None) if ddp else compiled
+    train_model = nn.parallel.DistributedDataParallel(
+        compiled, device_ids=[rt.local_rank] if dev.startswith('cuda') else None) if rt.ddp else compiled
     pin = dev.startswith('cuda')
-    train_loader = make_loader(train_set, TrainBatches(len(train_set), c.batch_size, c.micro_batch_size, rank, world,
-                                                       c.seed, step, total), c.num_workers, pin)
-    val_loader = make_loader(val_set, val_batches(len(val_set), c.micro_batch_size, rank, world), c.num_workers, pin)
-
-    log_path = os.path.join(c.out_dir, 'log.jsonl')
-    if master and os.path.exists(log_path):  # drop lines past the checkpoint: a resumed run rewrites them
-        lines = [l for l in open(log_path) if l.strip() and (c.init_from == 'resume' and json.loads(l)['step'] <= step)]
-        with open(log_path, 'w') as f:
-            f.writelines(lines)
-
-    def write_log(**record):
-        if master:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-
-    if overridden:  # the record of what the resumed run changed: {key: [checkpoint's, new]}
-        write_log(step=step, resume_override=overridden)
+    batches = iter(make_loader(train_set, TrainBatches(len(train_set), c.batch_size, c.micro_batch_size, rt.rank,
+                                                       rt.world, c.seed, step, total), c.num_workers, pin))
+    val_loader = make_loader(val_set, val_batches(len(val_set), c.micro_batch_size, rt.rank, rt.world),
+                             c.num_workers, pin)
 
     def checkpoint():
-        if not master:
-            return
-        state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                     config=vars(c), step=step, best_val_loss=best_val, train_images=len(train_set))
-        try:
-            save_checkpoint(ckpt_path, state)
-        except OSError as e:
-            raise SystemExit(f"error: could not write {ckpt_path} ({e}); the previous checkpoint is intact")
-        if c.keep_ckpts > 0:  # hard links: no copy, and replacing ckpt.pt later leaves them alone
-            kept = os.path.join(c.out_dir, f'ckpt_{step}.pt')
-            if not os.path.exists(kept):
-                os.link(ckpt_path, kept)
-            old = sorted((int(f[5:-3]) for f in os.listdir(c.out_dir) if f.startswith('ckpt_') and f.endswith('.pt')))
-            for s in old[:-c.keep_ckpts]:
-                os.remove(os.path.join(c.out_dir, f'ckpt_{s}.pt'))
+        if rt.master:
+            harness.write_checkpoint(c.out_dir, dict(
+                model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers], config=vars(c), step=step,
+                best_val_loss=best_val, train_images=len(train_set), wandb_id=runlog.wandb_id), c.keep_ckpts)
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True)
-    batches = iter(train_loader)
-    loss_sum = torch.zeros((), device=dev)  # summed on the device: no host sync per step
-    skipped = torch.zeros((), dtype=torch.long)  # unreadable images so far (all ranks, after the reduce)
-    t0, steps_since_log = time.time(), 0
-    stop = []  # SIGTERM/SIGINT land here: save at the next log boundary and exit cleanly
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    meter = harness.TrainMeter(dev)
+    with tqdm(total=total, initial=step, disable=not rt.master, dynamic_ncols=True) as bar, \
+            harness.stop_on_signals() as stop:
         while step < total:
             lr = c.lr * lr_factor(step, total, warmup, c.schedule, c.cooldown_frac)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group['lr'] = lr
+            for group in (group for opt in optimizers for group in opt.param_groups):
+                group['lr'] = lr
             for micro in range(accum):
-                imgs, _, noise, n_skipped = next(batches)
-                skipped += n_skipped.sum()
-                sync = not ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
+                batch = next(batches)
+                sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
                 with contextlib.nullcontext() if sync else train_model.no_sync():
-                    with autocast:
-                        loss, _, _ = train_model(to_device(imgs, dev), noise.to(dev, non_blocking=True))
+                    with rt.autocast:
+                        loss, _, _ = train_model(to_device(batch.imgs, dev), batch.noise.to(dev, non_blocking=True))
                     (loss / accum).backward()
-                loss_sum += loss.detach() / accum
+                meter.add(loss.detach() / accum, batch.skipped)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             step += 1
-            steps_since_log += 1
+            meter.step()
             bar.update(1)
 
             evaluating = step % c.eval_interval == 0 or step == total
             if step % c.log_interval == 0 or evaluating:  # the only host syncs of the loop
-                stats = torch.stack([loss_sum / steps_since_log, skipped.to(dev).float(), torch.tensor(float(bool(stop)), device=dev)])
-                if ddp:
-                    dist.all_reduce(stats)
-                loss_avg, n_skipped, stopping = stats[0].item() / world, int(stats[1].item()), stats[2].item() > 0
-                if not math.isfinite(loss_avg):  # stop before a poisoned model is saved
-                    raise SystemExit(f"error: loss is {loss_avg} at step {step}; {ckpt_path} keeps the last good state")
-                imgs_per_sec = steps_since_log * c.batch_size / (time.time() - t0)
-                write_log(step=step, loss=loss_avg, lr=lr, imgs_per_sec=imgs_per_sec, skipped_images=n_skipped)
+                loss_avg, skipped, stopping, imgs_per_sec = meter.read(bool(stop), c.batch_size)
+                harness.check_finite(loss_avg, None, step, ckpt_path)
+                runlog.write(step=step, loss=loss_avg, lr=lr, imgs_per_sec=imgs_per_sec, skipped_images=skipped)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{imgs_per_sec:.0f}")
-                loss_sum.zero_()
-                steps_since_log = 0
                 if stopping:
                     checkpoint()
                     log(f"\nstopped by signal at step {step}: {ckpt_path} saved, continue with --init_from=resume")
                     break
             if evaluating:
-                if not all(torch.isfinite(p).all() for p in model.parameters()):
-                    raise SystemExit(f"error: non-finite weights at step {step}; {ckpt_path} keeps the last good state")
+                harness.check_finite(0.0, model, step, ckpt_path)
                 model.eval()
-                val_loss = evaluate(compiled, val_loader, dev, autocast)
+                val_loss = evaluate(compiled, val_loader, dev, rt.autocast)
                 model.train()
                 best_val = min(best_val, val_loss)
-                write_log(step=step, val_loss=val_loss)
+                runlog.write(step=step, val_loss=val_loss)
                 log(f"\nstep {step}: val loss {val_loss:.4f} (best {best_val:.4f})")
                 checkpoint()
-                if master:
-                    with autocast:
+                if rt.master:
+                    with rt.autocast:
                         save_reconstructions(model, val_set, os.path.join(c.out_dir, 'recon.png'), dev)
-            if steps_since_log == 0:
-                t0 = time.time()  # throughput excludes logging, evaluation and saving
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        bar.close()
-    if ddp:
-        shutdown_distributed()
+                    runlog.image(step, os.path.join(c.out_dir, 'recon.png'))
+            meter.restart_clock()
+    if rt.ddp:
+        harness.shutdown_distributed()
 
 
 if __name__ == '__main__':

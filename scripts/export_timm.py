@@ -25,10 +25,12 @@ cannot carry: build it in Python as printed.
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402
 import train_mae  # noqa: E402
 
 ENCODER = ('patch_embed.', 'blocks.', 'norm.')  # our encoder's names are timm's already
@@ -52,7 +54,7 @@ def export(ckpt):
     if c['stem'] != 'patch':
         raise SystemExit(f"error: stem={c['stem']!r}: timm's VisionTransformer has only the patchify conv "
                          "(stem='patch'), it cannot hold the conv stem")
-    model = train_mae.build_model(c)
+    model = train_mae.build_model(SimpleNamespace(**c))
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
@@ -68,7 +70,7 @@ def main(argv):
     if len(argv) != 2:
         raise SystemExit("usage: python scripts/export_timm.py CKPT OUT")
     ckpt_path, out = argv
-    sd, kw = export(train_mae.load_checkpoint(ckpt_path))  # weights_only=True, one-line errors
+    sd, kw = export(harness.load_checkpoint(ckpt_path))  # weights_only=True, one-line errors
     torch.save(sd, out)
     mlp = ', mlp_layer=timm.layers.SwiGLU' if 'act_layer' in kw else ''
     print(f"wrote {out}: the encoder of {ckpt_path}, {len(sd)} tensors, "

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def make_checkpoint(path, **arch):
     """A checkpoint as train_mae.py writes it, of a randomly initialised MAE."""
     c = {**T.CONFIG, **ARCH, **arch}
     torch.manual_seed(0)
-    model = T.build_model(c)
+    model = T.build_model(SimpleNamespace(**c))
     with torch.no_grad():  # no zero biases or unit norms: every tensor must land in its place
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -110,7 +111,7 @@ def test_trained_checkpoint_exports_the_encoder_only(trained):
         if k != 'pos_embed':
             assert torch.equal(v, ckpt['model'][k]), k
     assert torch.equal(sd['pos_embed'], T.sincos_pos_embed(64, 4)[None])  # [1, L, D], the fixed table
-    model = T.build_model(ckpt['config'])
+    model = T.build_model(SimpleNamespace(**ckpt['config']))
     model.load_state_dict(ckpt['model'])
     imgs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The MAE model: shapes, masking, loss, parameter counts, no leaks."""
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ SMALL = dict(img_size=32, patch_size=8, enc_dim=64, enc_depth=2, enc_heads=2, de
 
 def model(**kw):
     torch.manual_seed(0)
-    return T.MAE(**{**SMALL, **kw}).eval()
+    return T.build_model(SimpleNamespace(**{**T.CONFIG, **SMALL, **kw})).eval()
 
 
 @pytest.mark.parametrize('swiglu,norm,bias,stem', itertools.product((False, True), ('layernorm', 'rmsnorm'),

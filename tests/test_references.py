@@ -246,3 +246,78 @@ def test_train_and_val_crop_pixels_match_crops_made_here(tmp_path):
         got = val[(epoch, 0)][0].numpy().astype(int)
         assert np.abs(got[..., :2] - want[..., :2]).max() <= 1
         assert np.abs(got[3:-3, 3:-3] - want[3:-3, 3:-3]).max() <= 1
+
+
+# --- the loss falls where a broken model's cannot ---------------------------------
+
+def write_band_images(folder, n, size, offset, rng, p=7):
+    """Vertically constant images: 4 bands of p columns from `offset`, each a ramp that
+    rises or falls (a coin per band and image). A masked patch is a copy of any
+    visible patch in its column: a decoder that knows where its tokens are can
+    learn to copy; one that does not can only guess the coin."""
+    os.makedirs(folder)
+    ramp = np.linspace(-1, 1, p)
+    for i in range(n):
+        profile = np.zeros(size)
+        profile[offset:offset + 4 * p] = np.concatenate([ramp * rng.choice([-1, 1]) for _ in range(4)])
+        img = np.repeat(np.repeat(128 + 100 * profile[None, :, None], size, 0), 3, 2).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f'{i}.png'))
+
+
+def test_loss_falls_below_what_a_decoder_blind_to_positions_reaches(tmp_path):
+    rng = np.random.default_rng(0)
+    write_band_images(tmp_path / 'data' / 'train' / 'a', 512, 28, 0, rng)
+    # val: 32 px, whose centre 28 x 28 (32 * 224/256) is the bands, on the patch grid as in training
+    write_band_images(tmp_path / 'data' / 'val' / 'a', 64, 32, 2, rng)
+    out = tmp_path / 'out'
+    T.main(TINY + [f'--data_dir={tmp_path / "data"}', f'--out_dir={out}', '--img_size=28', '--patch_size=7',
+                   '--crop_scale=(1.0,1.0)', '--batch_size=32', '--micro_batch_size=32', '--optimizer=adamw',
+                   '--lr=1e-2', '--max_iters=150', '--epochs=10', '--warmup_epochs=1', '--eval_interval=1000',
+                   '--log_interval=50'])
+    val_loss = [r['val_loss'] for r in read_log(out) if 'val_loss' in r][-1]
+    # per-patch normalised targets: predicting zeros (a model that learned nothing) scores (n-1)/n ~ 0.99;
+    # guessing the coin well, as a decoder without positions or with its tokens out of place does, ~0.85.
+    # A decoder that copies from the column (the answer is there for 4 patches in 5) reaches ~0.3
+    assert val_loss < 0.5, val_loss
+    # the same model, evaluated here with the decoder's position embedding taken away, is lost
+    c = cfg(f'--data_dir={tmp_path / "data"}', '--img_size=28', '--patch_size=7')
+    model = T.build_model(c)
+    model.load_state_dict(torch.load(out / 'ckpt.pt', weights_only=True)['model'])
+    _, val = T.build_datasets(c, model.num_patches)
+    imgs, _, noise, _ = torch.utils.data.default_collate([val[(0, i)] for i in range(len(val))])
+    with torch.no_grad():
+        torch.testing.assert_close(model(T.to_device(imgs, 'cpu'), noise)[0].item(), val_loss, rtol=1e-4, atol=0)
+        model.decoder_pos_embed.zero_()
+        assert model(T.to_device(imgs, 'cpu'), noise)[0].item() > val_loss + 0.3
+
+
+# --- compiled against eager --------------------------------------------------------
+
+def test_compiled_training_matches_eager(tmp_path):
+    # TINY's shapes, as test_torch_compile_run: the compiled graphs are cached across tests
+    args = TINY + ['--max_iters=4', '--optimizer=adamw']
+    T.main(args + [f'--out_dir={tmp_path / "eager"}', '--compile=False'])
+    T.main(args + [f'--out_dir={tmp_path / "compiled"}', '--compile=True'])
+    eager, compiled = read_log(tmp_path / 'eager'), read_log(tmp_path / 'compiled')
+    assert [r['step'] for r in eager] == [r['step'] for r in compiled]
+    losses = lambda log: [r.get('loss', r.get('val_loss')) for r in log]
+    assert len(losses(eager)) == 4 + 2  # every step's training loss, and the val loss at steps 2 and 4
+    np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-4)
+
+
+# --- preemption of one rank ---------------------------------------------------------
+
+def test_sigterm_to_one_rank_stops_both_at_the_next_log_and_resume_finishes(tmp_path):
+    args = TINY + ['--max_iters=30', '--eval_interval=1000', '--log_interval=2', '--synthetic_size=(1024,32)',
+                   f'--out_dir={tmp_path}']
+    p = start(args, torchrun=2)
+    wait_for_step(tmp_path, 4, p)
+    os.kill(worker_pids(p.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 hears of it through the all-reduce
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    stopped = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']
+    log = read_log(tmp_path)
+    assert 'stopped by signal' in out and stopped == max(r['step'] for r in log) < 30 and stopped % 2 == 0
+    run(args + ['--init_from=resume'], torchrun=2)
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step'] == 30
+    assert [r['step'] for r in read_log(tmp_path) if 'loss' in r] == list(range(2, 31, 2))

@@ -1,6 +1,8 @@
 """train_mae.py end to end: config, data, optimizers, schedules, compile, DDP, resume."""
 import math
 import os
+import sys
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+import harness
 import train_mae as T
 from conftest import TINY, read_log, run
 from optimizers import Lamb
 
 
 def cfg(*argv):
-    return SimpleNamespace(**T.configure(list(TINY) + list(argv), T.CONFIG))
+    return SimpleNamespace(**harness.configure(list(TINY) + list(argv), T.CONFIG))
 
 
 # --- config ------------------------------------------------------------------
@@ -22,11 +25,11 @@ def cfg(*argv):
 def test_overrides_types_and_config_files(tmp_path):
     f = tmp_path / 'c.py'
     f.write_text("import math\nlr = 1e-3\nbetas = [0.9, 0.99]\n")
-    c = T.configure([str(f), '--epochs=3'], T.CONFIG)
+    c = harness.configure([str(f), '--epochs=3'], T.CONFIG)
     assert c['lr'] == 1e-3 and c['betas'] == (0.9, 0.99) and c['epochs'] == 3
-    assert T.configure(['--betas=(0.8,0.9)', '--out_dir=123', '--lr=1'], T.CONFIG)['betas'] == (0.8, 0.9)
-    assert T.configure(['--out_dir=123', '--lr=1'], T.CONFIG)['out_dir'] == '123'
-    assert isinstance(T.configure(['--lr=1'], T.CONFIG)['lr'], float)
+    assert harness.configure(['--betas=(0.8,0.9)', '--out_dir=123', '--lr=1'], T.CONFIG)['betas'] == (0.8, 0.9)
+    assert harness.configure(['--out_dir=123', '--lr=1'], T.CONFIG)['out_dir'] == '123'
+    assert isinstance(harness.configure(['--lr=1'], T.CONFIG)['lr'], float)
 
 
 @pytest.mark.parametrize('args,names', [
@@ -275,3 +278,28 @@ def test_resume_continues_exactly_like_a_straight_run(tmp_path, optimizer):
     strip = lambda log: [{k: v for k, v in r.items() if k != 'imgs_per_sec'} for r in log]  # all but timings
     assert strip(read_log(tmp_path / 'resumed')) == strip(r for r in read_log(tmp_path / 'straight') if r['step'] > 3)
     assert sorted(os.listdir(tmp_path / 'straight')) == ['ckpt.pt', 'ckpt_3.pt', 'ckpt_6.pt', 'log.jsonl', 'recon.png']
+
+
+def test_wandb_is_optional_logs_the_records_and_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # not installed: `import wandb` raises ImportError
+    with pytest.raises(SystemExit, match='wandb package is not installed'):
+        T.main(TINY + [f'--out_dir={tmp_path / "a"}', '--wandb_log=True', '--max_iters=1'])
+    calls = []  # a stand-in for the package: records what train_mae.py hands it
+    fake = types.ModuleType('wandb')
+    fake.init = lambda **kw: calls.append(('init', kw)) or setattr(fake, 'run', SimpleNamespace(id=f"run{len(calls)}"))
+    fake.log = lambda record, step: calls.append(('log', step, record))
+    fake.Image = lambda path: ('image', os.path.basename(path))
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    T.main(TINY + [f'--out_dir={tmp_path / "a"}', '--wandb_log=True', '--max_iters=4', '--eval_interval=2',
+                   '--keep_ckpts=5', '--wandb_project=p'])
+    (_, init), *logs = calls
+    assert init['project'] == 'p' and init['config']['max_iters'] == 4 and init['id'] is None
+    logged = [(step, k) for _, step, record in logs for k in record]
+    assert (1, 'loss') in logged and (2, 'val_loss') in logged and (4, 'reconstructions') in logged
+    assert [r for r in read_log(tmp_path / 'a') if r['step'] == 3] == [dict(rec, step=3) for _, s, rec in logs if s == 3]
+    os.makedirs(tmp_path / 'b')
+    os.link(tmp_path / 'a' / 'ckpt_2.pt', tmp_path / 'b' / 'ckpt.pt')
+    calls.clear()
+    T.main(TINY + [f'--out_dir={tmp_path / "b"}', '--wandb_log=True', '--max_iters=4', '--eval_interval=2',
+                   '--init_from=resume', '--wandb_project=p'])
+    assert calls[0][1]['id'] == 'run1' and calls[0][1]['resume'] == 'must'  # the same tracker run goes on

@@ -1,0 +1,402 @@
+"""The harness around the algorithm, shared by train_mae.py, probe.py and bench.py:
+config parsing and checks, processes and devices, checkpoints, the run log,
+signals. None of it is MAE; it is here so that train_mae.py reads as the
+algorithm (nanoGPT keeps its configurator in a file of its own for the same
+reason). It imports nothing of nanoMAE's: train_mae.py passes in what it needs.
+"""
+import ast
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import time
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------
+# config: module constants as defaults, overridden by config files and --key=value
+
+class ConfigError(SystemExit):
+    """A bad setting: exits with a one-line message naming the key."""
+
+    def __init__(self, msg):
+        super().__init__(f"error: {msg}")
+
+
+SETTING_TYPES = (bool, int, float, str, tuple)
+
+
+def settings(namespace, names_before):
+    """The constants a script defined since `names_before` (its config block), as a
+    dict. A type the command line cannot set (a list, None, ...) is refused."""
+    out = {}
+    for key, value in namespace.items():
+        if key in names_before or key.startswith('_'):
+            continue
+        if type(value) not in SETTING_TYPES:
+            raise TypeError(f"config constant {key} = {value!r}: use one of {[t.__name__ for t in SETTING_TYPES]}")
+        out[key] = value
+    return out
+
+
+def parse(argv, defaults):
+    """The overrides in argv (config files and --key=value, in order) as a dict,
+    each key checked to exist in `defaults` and each value to have its type."""
+    overrides = {}
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                raise ConfigError(f"{arg}: expected --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string: --data_dir=/imagenet
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = text  # --out_dir=123 is a string
+            updates = {key: value}
+        else:  # a config file: Python assignments, the user's own code (as nanoGPT's)
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file not found: {arg}")
+            scope = {}
+            try:
+                exec(open(arg).read(), scope)
+            except Exception as e:
+                raise ConfigError(f"config file {arg}: {type(e).__name__}: {e}")
+            updates = {k: v for k, v in scope.items() if not k.startswith('_') and not callable(v)
+                       and type(v).__name__ != 'module'}
+        for key, value in updates.items():
+            if key not in defaults:
+                raise ConfigError(f"unknown config key '{key}'")
+            overrides[key] = coerce(key, value, defaults[key])
+    return overrides
+
+
+def configure(argv, defaults):
+    """defaults with the overrides of argv applied."""
+    return {**defaults, **parse(argv, defaults)}
+
+
+def coerce(key, value, default):
+    want = type(default)
+    if want is float and type(value) is int:
+        return float(value)
+    if want is tuple and isinstance(value, list):
+        value = tuple(value)
+    if type(value) is not want:
+        raise ConfigError(f"--{key}={value!r}: expected {want.__name__} like {default!r}")
+    if want is tuple and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"--{key}={value!r}: expected a tuple of numbers like {default!r}")
+    return value
+
+
+CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
+               muon_adjust_lr=('original', 'match_rms_adamw'), schedule=('cosine', 'wsd', 'rsqrt'),
+               init_from=('scratch', 'resume'), dtype=('auto', 'bfloat16', 'float32'),
+               device=('auto', 'cuda', 'cpu'), state_dtype=('float32', 'bfloat16'))
+
+
+def check_config(c):
+    """The train_mae.py settings that cannot work, caught before any work is done."""
+    for key, allowed in CHOICES.items():
+        if getattr(c, key) not in allowed:
+            raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(allowed)}")
+    if not c.data_dir:
+        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, or 'synthetic'")
+    if c.img_size % c.patch_size:
+        raise ConfigError(f"--img_size={c.img_size} is not divisible by --patch_size={c.patch_size}")
+    if c.stem == 'conv' and (c.patch_size < 2 or c.patch_size & (c.patch_size - 1)):
+        raise ConfigError(f"--patch_size={c.patch_size}: stem='conv' needs a power of two")
+    for dim, heads in (('enc_dim', 'enc_heads'), ('dec_dim', 'dec_heads')):
+        if getattr(c, dim) % getattr(c, heads):
+            raise ConfigError(f"--{heads}={getattr(c, heads)} does not divide --{dim}={getattr(c, dim)}")
+        if getattr(c, dim) % 4:
+            raise ConfigError(f"--{dim}={getattr(c, dim)}: the 2D sin-cos position embedding needs a multiple of 4")
+    if not 0 <= c.mask_ratio < 1:
+        raise ConfigError(f"--mask_ratio={c.mask_ratio}: must be in [0, 1)")
+    L = (c.img_size // c.patch_size) ** 2
+    if not 0 < int(L * (1 - c.mask_ratio)) < L:
+        raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")
+    for key in ('batch_size', 'micro_batch_size', 'eval_interval', 'log_interval'):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"--{key}={getattr(c, key)}: must be >= 1")
+    if len(c.betas) != 2 or len(c.crop_scale) != 2 or len(c.synthetic_size) != 2:
+        raise ConfigError("--betas, --crop_scale and --synthetic_size take two values each")
+    if not 0 <= c.cooldown_frac <= 1:
+        raise ConfigError(f"--cooldown_frac={c.cooldown_frac}: must be in [0, 1]")
+    if c.state_dtype == 'bfloat16' and c.optimizer not in ('muon', 'lamb'):  # a flag that would do nothing
+        raise ConfigError(f"--state_dtype=bfloat16 applies to optimizer muon (its momentum) or lamb (its first "
+                          f"moment), not --optimizer={c.optimizer}")
+    if c.muon_conv and (c.optimizer != 'muon' or c.stem != 'conv'):
+        raise ConfigError(f"--muon_conv=True needs --optimizer=muon and --stem=conv (got {c.optimizer}, {c.stem})")
+
+
+def accumulation(batch_size, micro_batch_size, world):
+    """Micro-batches per optimizer step, per process."""
+    if batch_size % (micro_batch_size * world):
+        raise ConfigError(f"--batch_size={batch_size} is not divisible by --micro_batch_size={micro_batch_size}"
+                          f" x {world} processes")
+    return batch_size // (micro_batch_size * world)
+
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+class Runtime(NamedTuple):
+    ddp: bool  # launched by torchrun
+    rank: int
+    local_rank: int
+    world: int
+    device: str  # 'cpu' or 'cuda:<local_rank>'
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or a no-op
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup(c):
+    """Device, torch.distributed (when launched by torchrun: nccl on CUDA, gloo
+    on CPU) and autocast for config c (keys device, dtype, ddp_timeout)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev = c.device if c.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if dev == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is visible")
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        dist.init_process_group('nccl' if dev == 'cuda' else 'gloo', timeout=timedelta(seconds=c.ddp_timeout))
+        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+    if dev == 'cuda':
+        dev = f'cuda:{local_rank}'
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(dev.split(':')[0], dtype=torch.bfloat16, enabled=resolve_dtype(c.dtype, dev) == 'bfloat16')
+    return Runtime(ddp, rank, local_rank, world, dev, autocast)
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bfloat16 autocast on CUDA, float32 elsewhere."""
+    return dtype if dtype != 'auto' else 'bfloat16' if device.startswith('cuda') else 'float32'
+
+
+def shutdown_distributed():
+    """A barrier, then the teardown: with gloo, a rank that tears down while a peer
+    still finishes its last collective can abort that peer at exit."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM/SIGINT (preemption) append to the yielded list instead of killing:
+    the loop saves at its next log step and exits cleanly."""
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def make_out_dir(out_dir):
+    """Create out_dir and check it is writable: fail now, not after hours of work."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        open(os.path.join(out_dir, '.write_test'), 'w').close()
+        os.remove(os.path.join(out_dir, '.write_test'))
+    except OSError as e:
+        raise ConfigError(f"--out_dir={out_dir!r} is not writable: {e}")
+
+
+def save_checkpoint(path, obj):
+    """Atomic: write a temporary file, fsync, rename. A crash or a full disk
+    while saving leaves the previous checkpoint as it was."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_checkpoint(out_dir, state, keep):
+    """out_dir/ckpt.pt, atomically; with keep > 0 also the last `keep` as
+    ckpt_<step>.pt, hard links (no copy; replacing ckpt.pt leaves them alone)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    try:
+        save_checkpoint(path, state)
+    except OSError as e:
+        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact")
+    if keep > 0:
+        kept = os.path.join(out_dir, f"ckpt_{state['step']}.pt")
+        if not os.path.exists(kept):
+            os.link(path, kept)
+        steps = sorted(int(m[1]) for m in map(re.compile(r'ckpt_(\d+)\.pt$').match, os.listdir(out_dir)) if m)
+        for s in steps[:-keep]:
+            os.remove(os.path.join(out_dir, f'ckpt_{s}.pt'))
+
+
+def load_checkpoint(path):
+    """A nanoMAE checkpoint, loaded with weights_only=True: tensors and plain Python
+    values only, so a shared or downloaded file cannot run code when it is read."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle that wants to build arbitrary objects
+        wanted = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if wanted:  # refused, not run
+            raise ConfigError(f"{path} asks to call {wanted[1]} when loaded, refused: a nanoMAE checkpoint holds "
+                              f"tensors and plain values only, and loading one never runs code")
+        raise ConfigError(f"cannot read checkpoint {path}: it is not a readable nanoMAE checkpoint "
+                          f"({type(e).__name__}: {str(e).strip()[:120]!r})")
+    if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
+        raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
+    return ckpt
+
+
+def check_architecture(c, ckpt, keys):
+    """A checkpoint loads only into the same architecture (config keys `keys`)."""
+    for key in keys:
+        if ckpt['config'][key] != getattr(c, key):
+            raise ConfigError(f"--{key}={getattr(c, key)!r} does not match the checkpoint's {ckpt['config'][key]!r}")
+
+
+# A resume continues the same run: these keys may change (they do not change which
+# images, masks, updates and learning rates the run sees), the schedule's length may
+# change only where the steps done keep their lr (a wsd/rsqrt cooldown from an
+# intermediate checkpoint), and every other key is refused unless named in
+# --resume_override (recorded in log.jsonl).
+RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_size', 'eval_interval', 'log_interval',
+               'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log', 'wandb_project',
+               'wandb_run_name')
+RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
+
+
+def check_resume(c, ckpt, train_images, lr_schedule):
+    """Refuse a resume that would silently become another run; lr_schedule(config
+    namespace, train_images) -> (step -> lr factor). Returns {key: [old, new]} of
+    the overridden keys that changed."""
+    old = ckpt['config']
+    overrides = [k for k in c.resume_override.split(',') if k]
+    for key in overrides:
+        if key not in old:
+            raise ConfigError(f"--resume_override={c.resume_override}: unknown key '{key}'")
+    for key, value in old.items():
+        new = getattr(c, key)
+        if new == value or key in RESUME_FREE or key in RESUME_SCHEDULE or key in overrides:
+            continue
+        raise ConfigError(f"--{key}={new!r} differs from the checkpoint's {value!r}: a resume continues the same run "
+                          f"(start another out_dir, or --resume_override={key})")
+    if ckpt.get('train_images', train_images) != train_images and 'data_dir' not in overrides:
+        raise ConfigError(f"the training set has {train_images} images, the checkpoint's run had "
+                          f"{ckpt['train_images']}: another data set (--resume_override=data_dir to go on anyway)")
+    done = ckpt['step']
+    before, after = lr_schedule(type(c)(**old), train_images), lr_schedule(c, train_images)
+    changed = [k for k in RESUME_SCHEDULE if getattr(c, k) != old[k] and k not in overrides]
+    if changed and any(before(s) != after(s) for s in range(done)):
+        key = changed[0]
+        raise ConfigError(f"--{key}={getattr(c, key)!r} (checkpoint: {old[key]!r}) changes the lr of the {done} steps "
+                          f"already done: only a wsd/rsqrt run may be shortened, to cool down from a checkpoint")
+    return {k: [old[k], getattr(c, k)] for k in overrides if old[k] != getattr(c, k)}
+
+
+# -----------------------------------------------------------------------------
+# the run log
+
+class RunLog:
+    """out_dir/log.jsonl (one JSON object per line), and Weights & Biases when
+    wandb_log is on. On resume, lines past the checkpoint's step are dropped: the
+    resumed run writes them again. Only the master process writes."""
+
+    def __init__(self, c, master, step, wandb_id=None):
+        self.master, self.path, self.wandb = master, os.path.join(c.out_dir, 'log.jsonl'), None
+        if not master:
+            return
+        if os.path.exists(self.path):
+            keep = [l for l in open(self.path) if l.strip() and c.init_from == 'resume' and json.loads(l)['step'] <= step]
+            with open(self.path, 'w') as f:
+                f.writelines(keep)
+        if c.wandb_log:
+            try:
+                import wandb  # an optional extra: imported only when asked for
+            except ImportError:
+                raise ConfigError("--wandb_log=True but the wandb package is not installed (pip install wandb)")
+            self.wandb = wandb
+            wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c), id=wandb_id,
+                       resume='must' if wandb_id else None)
+
+    @property
+    def wandb_id(self):
+        return self.wandb.run.id if self.wandb else None
+
+    def write(self, **record):
+        if self.master:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            if self.wandb:
+                self.wandb.log({k: v for k, v in record.items() if k != 'step'}, step=record['step'])
+
+    def image(self, step, path):
+        if self.wandb:
+            self.wandb.log({'reconstructions': self.wandb.Image(path)}, step=step)
+
+
+class TrainMeter:
+    """What the loop reports between log lines: the mean loss, the unreadable
+    images skipped, a stop request and the throughput. Sums stay on the device
+    (no host sync per step); read() all-reduces them at a log step."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), dtype=torch.long)  # unreadable images, all ranks, since the start
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, loss, skipped):
+        self.loss_sum += loss
+        self.skipped += skipped.sum()
+
+    def step(self):
+        self.steps += 1
+
+    def read(self, stop_requested, batch_size):
+        """(mean loss, images skipped so far, stop on any rank, images/s): one all-reduce."""
+        stats = torch.stack([self.loss_sum / self.steps, self.skipped.to(self.loss_sum.device).float(),
+                             torch.tensor(float(stop_requested), device=self.loss_sum.device)])
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+            world = dist.get_world_size()
+        imgs_per_sec = self.steps * batch_size / (time.time() - self.t0)
+        self.loss_sum.zero_()
+        self.steps = 0
+        return stats[0].item() / world, int(stats[1].item()), stats[2].item() > 0, imgs_per_sec
+
+    def restart_clock(self):
+        """After logging, evaluation and saving: the throughput leaves them out."""
+        if self.steps == 0:
+            self.t0 = time.time()
+
+
+def check_finite(loss, model, step, ckpt_path):
+    """Stop before a poisoned model is saved."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss} at step {step}; {ckpt_path} keeps the last good state")
+    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise SystemExit(f"error: non-finite weights at step {step}; {ckpt_path} keeps the last good state")
