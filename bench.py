@@ -63,7 +63,7 @@ SMALL_MODEL = dict(img_size=64, patch_size=8, enc_dim=128, enc_depth=6, enc_head
                    dec_dim=128, dec_depth=2, dec_heads=4)
 CPU_DEFAULTS = {
     'train': dict(SMALL_MODEL, batch_size=64, micro_batch_size=64, compile=False, iters=10, warmup_iters=3),
-    'muon_step': dict(muon_iters=3),
+    'muon_step': dict(muon_iters=5),
     'loader': dict(micro_batch_size=32, loader_images=256, loader_batches=8),
     'optim_state': dict(),
     'probe_sweep': dict(SMALL_MODEL, synthetic_size=(1024, 256), probe_batch_size=128, compile=False, num_workers=1),

@@ -29,19 +29,28 @@ import torch.distributed as dist
 
 def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
     """Approximately orthogonalise G [..., A, B], batched over leading dims."""
+    X = G.reshape(-1, *G.shape[-2:]).to(torch.bfloat16, copy=True).contiguous()  # [k, A, B]
+    work = X.new_empty(X.size(0), min(X.shape[-2:]), max(X.shape[-2:]))
+    return newton_schulz_(X, work, steps, coefficients, eps).reshape(G.shape)
+
+
+def newton_schulz_(X, work, steps, coefficients, eps):
+    """zeropower_via_newtonschulz5 in place: X [k, A, B] (bf16, contiguous) is
+    overwritten and the iterates alternate between `work` [k, min(A, B), max(A, B)]
+    and X's memory, so nothing the size of X is allocated (on a CPU a fresh tensor
+    costs its page faults, a few % of the step). Returns a view of one of the two."""
     a, b, c = coefficients
-    X = G.bfloat16().reshape(-1, *G.shape[-2:])  # [k, A, B]
-    tall = G.size(-2) > G.size(-1)
+    buffers = (work, X.view(work.shape))  # X's memory is free once the first iterate is in work
+    tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
         X = X.mT
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
-    X = (X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)).contiguous()
-    Y = torch.empty_like(X)  # the iterates alternate between X and Y
-    for _ in range(steps):
+    X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
+    for i in range(steps):
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X, Y = torch.baddbmm(X, B, X, beta=a, out=Y), X  # a*X + B@X
-    return (X.mT if tall else X).reshape(G.shape)
+        X = torch.baddbmm(X, B, X, beta=a, out=buffers[i % 2])  # a*X + B@X
+    return X.mT if tall else X
 
 
 def adjusted_lr(lr, adjust_lr_fn, shape):
@@ -61,7 +70,9 @@ class Muon(torch.optim.Optimizer):
     one batched Newton-Schulz call per shape, the orthogonalisation split
     across ranks under torch.distributed (all ranks must hold identical
     gradients, as after DDP's all-reduce), and `momentum_dtype` (e.g.
-    torch.bfloat16 halves the optimizer state)."""
+    torch.bfloat16 halves the optimizer state). Between steps it keeps a bf16
+    workspace, not in the state: two stacks of the largest group of same-shaped
+    matrices (the momentum updates, and Newton-Schulz's other buffer)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
@@ -74,6 +85,7 @@ class Muon(torch.optim.Optimizer):
                         adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
         self.momentum_dtype = momentum_dtype
+        self.workspace = {}  # device -> flat bf16 tensor, see _stacks
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -86,14 +98,13 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            by_shape = {}  # parameters with a gradient, grouped by matrix shape
+            by_shape = {}  # the parameters with a gradient, by matrix shape
             for p in group["params"]:
                 if p.grad is not None:
-                    by_shape.setdefault((p.size(0), p[0].numel()), []).append(p)
+                    by_shape.setdefault(p.flatten(1).shape, []).append(p)
             for shape, params in by_shape.items():
+                U, work = self._stacks(len(params), shape, params[0].device)
                 # the momentum update, per parameter, written straight into the bf16 stack
-                # that Newton-Schulz takes: no fp32 copy of the updates, no torch.stack
-                U = torch.empty(len(params), *shape, dtype=torch.bfloat16, device=params[0].device)
                 for p, u in zip(params, U):
                     state = self.state[p]
                     if "momentum_buffer" not in state:
@@ -102,27 +113,37 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.to(buf.dtype)
                     buf.lerp_(g, 1 - group["momentum"])
                     if group["nesterov"]:
-                        torch.lerp(g.view(shape), buf.view(shape), group["momentum"], out=u)
+                        torch.lerp(g, buf, group["momentum"], out=u.view_as(p))
                     else:
-                        u.copy_(buf.view(shape))
-                O = self._orthogonalize(U, group)
+                        u.view_as(p).copy_(buf)
+                O = self._orthogonalize(U, work, group)
                 lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
                 for p, o in zip(params, O):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.view_as(p), alpha=-lr)  # bf16 o, added in p's dtype
+                    p.add_(o.view_as(p), alpha=-lr)  # o is bf16, added in p's dtype
         return loss
 
-    def _orthogonalize(self, U, group):
-        """Newton-Schulz on the stack U [k, A, B]; under torch.distributed each
+    def _stacks(self, k, shape, device):
+        """Views of the workspace: the stack [k, A, B] that the momentum updates are
+        written into and Newton-Schulz's other buffer [k, min(A, B), max(A, B)]. Kept
+        between steps (a fresh one costs a CPU its page faults) and shared by all shapes."""
+        n = k * shape.numel()
+        if device not in self.workspace or self.workspace[device].numel() < 2 * n:
+            self.workspace[device] = torch.empty(2 * n, dtype=torch.bfloat16, device=device)
+        U, work = self.workspace[device][:2 * n].view(2, -1)
+        return U.view(k, *shape), work.view(k, min(shape), max(shape))
+
+    def _orthogonalize(self, U, work, group):
+        """Newton-Schulz on the stack U [k, A, B], in place; under torch.distributed each
         rank takes a contiguous 1/world of the k matrices and all-gathers the rest."""
-        ns = lambda X: zeropower_via_newtonschulz5(X, group["ns_steps"], group["ns_coefficients"], group["eps"])
+        args = group["ns_steps"], group["ns_coefficients"], group["eps"]
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world == 1:
-            return ns(U)
+            return newton_schulz_(U, work, *args)
         k = U.size(0)
         per_rank = math.ceil(k / world)
         U = torch.cat([U, U.new_zeros(per_rank * world - k, *U.shape[1:])])  # pad to a multiple of world
-        mine = ns(U[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank])
+        mine = zeropower_via_newtonschulz5(U[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank], *args)
         if U.device.type == "cpu":  # gloo has no bf16 all_gather
             mine = mine.float()
         parts = [torch.empty_like(mine) for _ in range(world)]

@@ -571,14 +571,13 @@ def build_optimizers(model, c, device_type, log=print):
     """One optimizer per rule: Muon for hidden matrices and AdamW for the rest, or
     LAMB / Adafactor (optimizers.py) for the whole model."""
     groups = param_groups(model, c)
-    bf16 = c.state_dtype == 'bfloat16'
-    holds_bf16 = dict(muon='muon', decay='lamb', no_decay='lamb')  # the state that state_dtype applies to
     for key, named in groups.items():
-        note = ", bf16 momentum" if bf16 and holds_bf16[key] == c.optimizer else ""
-        if c.optimizer == 'adafactor' and key != 'muon':
-            note = ", bf16 momentum" + (", factored second moment" if key == 'decay' else "")
-        log(f"{key}: {len(named)} tensors, {sum(p.numel() for _, p in named):,} parameters{note}")
-    state_dtype = torch.bfloat16 if bf16 else None
+        log(f"{key}: {len(named)} tensors, {sum(p.numel() for _, p in named):,} parameters")
+    state_dtype = torch.bfloat16 if c.state_dtype == 'bfloat16' else None
+    if state_dtype or c.optimizer == 'adafactor':  # which part of the model the memory saving reaches
+        log({'muon': "state_dtype=bfloat16: Muon's momentum (the muon group) in bf16, AdamW's moments in fp32",
+             'lamb': "state_dtype=bfloat16: LAMB's first moment in bf16 (all groups), its second in fp32",
+             'adafactor': "adafactor: bf16 momentum everywhere, factored second moment for the decay group"}[c.optimizer])
     decay = [p for _, p in groups['decay']]
     no_decay = [p for _, p in groups['no_decay']]
     if c.optimizer == 'lamb':

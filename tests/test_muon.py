@@ -104,6 +104,27 @@ def test_state_dict_round_trip_resumes_identically():
         assert torch.equal(a, b)
 
 
+def test_shape_groups_that_change_between_steps():
+    # the bf16 workspace is shared by the shape groups and sized by the largest; a parameter
+    # without a gradient is skipped (as by torch's), so the groups change from step to step
+    torch.manual_seed(0)
+    shapes = [(64, 3, 2, 2), (64, 12), (12, 64), (64, 12), (32, 32)]  # a tall conv weight, as 64 x 12
+    init = [torch.randn(s) for s in shapes]
+    ours = [torch.nn.Parameter(w.clone()) for w in init]
+    theirs = [torch.nn.Parameter(w.flatten(1).clone()) for w in init]
+    optimizers = Muon(ours, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    for step in range(4):
+        for i, shape in enumerate(shapes):
+            g = torch.randn(shape) if (i + step) % 3 else None
+            ours[i].grad, theirs[i].grad = g, None if g is None else g.flatten(1).clone()
+        for opt in optimizers:
+            opt.step()
+    for w0, a, b in zip(init, ours, theirs):
+        moved = (b - w0.flatten(1)).abs().max()
+        assert moved > 1e-3
+        assert (a.detach().flatten(1) - b.detach()).abs().max() < 0.01 * moved
+
+
 def test_bf16_momentum_halves_the_state():
     p = torch.nn.Parameter(torch.randn(32, 16))
     p.grad = torch.randn(32, 16)
