@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ def read_log(out_dir):
 
 
 def start(args, torchrun=0):
-    """Start train_mae.py in the background, in a session of its own (os.killpg reaches every process of the run)."""
+    """Start train_mae.py in the background, in a session of its own (kill_run ends every process of the run)."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] if torchrun else [sys.executable]
     return subprocess.Popen(launcher + [os.path.join(ROOT, 'train_mae.py')] + args, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -57,16 +58,32 @@ def wait_for_step(out_dir, step, proc, timeout=120):
 def worker_pids(torchrun_pid):
     """{rank: pid} of the workers torchrun started: its child processes, by parent id
     (ps truncates command lines, so a long checkout path would hide the script's name)."""
-    children = []
+    ranks = {}
     for task in os.listdir(f'/proc/{torchrun_pid}/task'):
         with open(f'/proc/{torchrun_pid}/task/{task}/children') as f:
-            children += [int(pid) for pid in f.read().split()]
-    ranks = {}
-    for pid in children:
-        with open(f'/proc/{pid}/environ', 'rb') as f:
-            env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
-        ranks[int(env[b'RANK'])] = pid
+            children = [int(pid) for pid in f.read().split()]
+        for pid in children:
+            try:
+                with open(f'/proc/{pid}/environ', 'rb') as f:
+                    env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+            except OSError:
+                continue  # gone already
+            if b'RANK' in env:
+                ranks[int(env[b'RANK'])] = pid
     return ranks
+
+
+def kill_run(proc):
+    """SIGKILL every process of a run from start(). torchrun starts each worker in a
+    session of its own, so killing torchrun's process group alone leaves them training."""
+    workers = worker_pids(proc.pid).values()
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import train_mae as T
-from conftest import TINY, read_log, run, start, wait_for_step, worker_pids
+from conftest import TINY, kill_run, read_log, run, start, wait_for_step, worker_pids
 
 LONG = TINY + ['--max_iters=400', '--eval_interval=3', '--synthetic_size=(1024,32)']
 
@@ -28,8 +28,7 @@ def test_sigkill_at_any_step_then_resume_matches_a_straight_run(tmp_path, nproc)
     run(args + [f'--out_dir={tmp_path / "straight"}'], torchrun=nproc)
     p = start(args + [f'--out_dir={tmp_path / "killed"}'], torchrun=nproc)
     wait_for_step(tmp_path / 'killed', 7, p)  # somewhere between checkpoints 6 and 9
-    os.killpg(p.pid, signal.SIGKILL)  # no warning, every process of the run
-    p.wait()
+    kill_run(p)  # no warning, every process of the run (torchrun's workers too)
     died_at = params(tmp_path / 'killed')['step']
     assert 6 <= died_at < 14
     run(args + [f'--out_dir={tmp_path / "killed"}', '--init_from=resume'], torchrun=nproc)

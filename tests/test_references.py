@@ -10,23 +10,34 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import harness
 import train_mae as T
-from conftest import TINY, read_log, run, start, wait_for_step, worker_pids
+from conftest import TINY, kill_run, read_log, run, start, wait_for_step, worker_pids
 
 
 def cfg(*argv):
-    return SimpleNamespace(**T.configure(list(TINY) + list(argv), T.CONFIG))
+    return SimpleNamespace(**harness.configure(list(TINY) + list(argv), T.CONFIG))
+
+
+@pytest.fixture
+def one_thread():
+    """For the in-process training runs: the models are tiny, and a second thread adds
+    nothing but spinning on a shared machine. (Not for the compile test: inductor's
+    cache keys on the thread count, and test_torch_compile_run compiles the same graphs.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- the decoder -------------------------------------------------------------
 
 def test_decoder_puts_each_token_at_its_patch_with_its_position():
     torch.manual_seed(0)
-    m = T.MAE(img_size=32, patch_size=8, enc_dim=64, enc_depth=1, enc_heads=2, dec_dim=32, dec_depth=2,
-              dec_heads=4, mask_ratio=0.6).eval()
+    m = T.build_model(cfg('--enc_depth=1', '--dec_depth=2', '--dec_heads=4', '--mask_ratio=0.6')).eval()
     N, L, keep = 3, 16, int(16 * 0.4)
     imgs, noise = torch.randn(N, 3, 32, 32), torch.rand(N, L)
     with torch.no_grad():
@@ -70,34 +81,33 @@ def reference_lr(step, total, warmup, peak, schedule, cooldown_frac):
     return peak if step < start_cooldown else peak * (total - 1 - step) / (cooldown - 1)
 
 
+@pytest.mark.usefixtures('one_thread')
 @pytest.mark.parametrize('length,schedule,optimizer,total,warmup', [
     # 32 images // 8 = 4 steps per epoch: 5 epochs, 2 of warmup
     (['--epochs=5', '--warmup_epochs=2'], 'cosine', 'adamw', 20, 8),
     # max_iters: warmup is warmup_epochs / epochs of the run, whatever an epoch is
     (['--max_iters=20', '--epochs=10', '--warmup_epochs=3'], 'wsd', 'muon', 20, 6),
 ])
-def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, monkeypatch, length, schedule, optimizer, total, warmup):
-    applied = []  # the lr of every param group of every optimizer, as each step() runs
+def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, length, schedule, optimizer, total, warmup):
+    applied = []  # (optimizer, lr of each of its param groups) as each step() runs
 
-    def hooked(*args, **kwargs):
-        optimizers = build_optimizers(*args, **kwargs)
-        for opt in optimizers:
-            opt.register_step_pre_hook(lambda o, a, k: applied.append((o, [g['lr'] for g in o.param_groups])))
-        return optimizers
+    def record(opt, args, kwargs):
+        applied.append((opt, [g['lr'] for g in opt.param_groups]))
 
-    build_optimizers = T.build_optimizers
-    monkeypatch.setattr(T, 'build_optimizers', hooked)
+    hook = register_optimizer_step_pre_hook(record)
     peak = 2e-3
-    T.main(TINY + [f'--out_dir={tmp_path}', '--synthetic_size=(32,8)', '--batch_size=8', '--micro_batch_size=8',
-                   '--enc_depth=1', '--eval_interval=1000', '--log_interval=1', f'--lr={peak}', f'--schedule={schedule}',
-                   f'--optimizer={optimizer}',
-                   '--cooldown_frac=0.3', '--max_iters=0'] + length)
+    try:
+        T.main(TINY + [f'--out_dir={tmp_path}', '--synthetic_size=(32,8)', '--batch_size=8', '--micro_batch_size=8',
+                       '--enc_depth=1', '--eval_interval=1000', '--log_interval=1', f'--optimizer={optimizer}',
+                       f'--lr={peak}', f'--schedule={schedule}', '--cooldown_frac=0.3', '--max_iters=0'] + length)
+    finally:
+        hook.remove()
     want = [reference_lr(s, total, warmup, peak, schedule, 0.3) for s in range(total)]
     logged = [r for r in read_log(tmp_path) if 'lr' in r]
     assert [r['step'] for r in logged] == list(range(1, total + 1))
     np.testing.assert_allclose([r['lr'] for r in logged], want, rtol=1e-9, atol=1e-12)
     n_opt = len({id(o) for o, _ in applied})
-    assert len(applied) == n_opt * total
+    assert n_opt == (2 if optimizer == 'muon' else 1) and len(applied) == n_opt * total
     for s in range(total):  # every group of every optimizer ran step s at the lr of step s
         lrs = [lr for _, group_lrs in applied[s * n_opt:(s + 1) * n_opt] for lr in group_lrs]
         np.testing.assert_allclose(lrs, want[s], rtol=1e-9, atol=1e-12, err_msg=f'step {s}')
@@ -196,8 +206,11 @@ def test_train_crops_of_the_dataset_have_the_configured_area_aspect_and_flips(tm
     x0, y0, w, h, flipped = boxes.T
     area, log_aspect = w * h / (W * H), np.log(w / h)
     # w and h are whole pixels of a small image: a few percent of rounding
-    assert area.min() > 0.25 * 0.93 and area.max() < 0.5 * 1.07 and abs(area.mean() - 0.375) < 0.01
-    assert np.abs(log_aspect).max() < math.log(4 / 3) + 0.06 and abs(log_aspect.mean()) < 0.02
+    assert area.min() > 0.25 * 0.93 and area.max() < 0.5 * 1.07
+    np.testing.assert_allclose(quantiles_of(area, 0.25, 0.5), np.linspace(0.1, 0.9, 9), atol=0.06)
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    assert log_aspect.min() > lo - 0.06 and log_aspect.max() < hi + 0.06
+    np.testing.assert_allclose(quantiles_of(log_aspect, lo, hi), np.linspace(0.1, 0.9, 9), atol=0.06)
     assert (x0 > -0.5).all() and (y0 > -0.5).all() and (x0 + w < W + 0.5).all() and (y0 + h < H + 0.5).all()
     assert x0.min() < 1 and (x0 + w).max() > W - 1 and y0.min() < 1 and (y0 + h).max() > H - 1  # anywhere
     assert abs(flipped.mean() - 0.5) < 0.06
@@ -264,23 +277,27 @@ def write_band_images(folder, n, size, offset, rng, p=7):
         Image.fromarray(img).save(os.path.join(folder, f'{i}.png'))
 
 
+@pytest.mark.usefixtures('one_thread')
 def test_loss_falls_below_what_a_decoder_blind_to_positions_reaches(tmp_path):
     rng = np.random.default_rng(0)
     write_band_images(tmp_path / 'data' / 'train' / 'a', 512, 28, 0, rng)
     # val: 32 px, whose centre 28 x 28 (32 * 224/256) is the bands, on the patch grid as in training
     write_band_images(tmp_path / 'data' / 'val' / 'a', 64, 32, 2, rng)
     out = tmp_path / 'out'
-    T.main(TINY + [f'--data_dir={tmp_path / "data"}', f'--out_dir={out}', '--img_size=28', '--patch_size=7',
-                   '--crop_scale=(1.0,1.0)', '--batch_size=32', '--micro_batch_size=32', '--optimizer=adamw',
-                   '--lr=1e-2', '--max_iters=150', '--epochs=10', '--warmup_epochs=1', '--eval_interval=1000',
-                   '--log_interval=50'])
+    model_args = [f'--data_dir={tmp_path / "data"}', '--img_size=28', '--patch_size=7', '--dec_dim=64',
+                  '--mask_ratio=0.5']
+    T.main(TINY + model_args + [
+        f'--out_dir={out}', '--crop_scale=(1.0,1.0)',  # whole images (flipped or not): the bands stay on the grid
+        '--batch_size=32', '--micro_batch_size=32', '--optimizer=adamw', '--lr=8e-3', '--max_iters=160',
+        '--epochs=10', '--warmup_epochs=1', '--eval_interval=1000', '--log_interval=40'])
     val_loss = [r['val_loss'] for r in read_log(out) if 'val_loss' in r][-1]
-    # per-patch normalised targets: predicting zeros (a model that learned nothing) scores (n-1)/n ~ 0.99;
-    # guessing the coin well, as a decoder without positions or with its tokens out of place does, ~0.85.
-    # A decoder that copies from the column (the answer is there for 4 patches in 5) reaches ~0.3
+    # Per-patch normalised targets: predicting zeros (a model that learned nothing) scores (n-1)/n ~ 0.99;
+    # a decoder without its position embedding, or with its tokens out of place, ~0.86 (measured).
+    # Copying from the column (the answer is there for all but 8% of the masked patches): 0.07-0.27 over
+    # seeds 0-3, 0.12 for this one.
     assert val_loss < 0.5, val_loss
     # the same model, evaluated here with the decoder's position embedding taken away, is lost
-    c = cfg(f'--data_dir={tmp_path / "data"}', '--img_size=28', '--patch_size=7')
+    c = cfg(*model_args)
     model = T.build_model(c)
     model.load_state_dict(torch.load(out / 'ckpt.pt', weights_only=True)['model'])
     _, val = T.build_datasets(c, model.num_patches)
@@ -300,7 +317,7 @@ def test_compiled_training_matches_eager(tmp_path):
     T.main(args + [f'--out_dir={tmp_path / "compiled"}', '--compile=True'])
     eager, compiled = read_log(tmp_path / 'eager'), read_log(tmp_path / 'compiled')
     assert [r['step'] for r in eager] == [r['step'] for r in compiled]
-    losses = lambda log: [r.get('loss', r.get('val_loss')) for r in log]
+    losses = lambda log: [r['loss'] if 'loss' in r else r['val_loss'] for r in log if 'loss' in r or 'val_loss' in r]
     assert len(losses(eager)) == 4 + 2  # every step's training loss, and the val loss at steps 2 and 4
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-4)
 
@@ -311,9 +328,13 @@ def test_sigterm_to_one_rank_stops_both_at_the_next_log_and_resume_finishes(tmp_
     args = TINY + ['--max_iters=30', '--eval_interval=1000', '--log_interval=2', '--synthetic_size=(1024,32)',
                    f'--out_dir={tmp_path}']
     p = start(args, torchrun=2)
-    wait_for_step(tmp_path, 4, p)
-    os.kill(worker_pids(p.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 hears of it through the all-reduce
-    out, err = p.communicate(timeout=120)
+    try:
+        wait_for_step(tmp_path, 4, p)
+        os.kill(worker_pids(p.pid)[1], signal.SIGTERM)  # rank 1 only: rank 0 hears of it through the all-reduce
+        out, err = p.communicate(timeout=60)  # a stop that stays on rank 1 hangs rank 0 in its next all-reduce
+    finally:
+        if p.poll() is None:
+            kill_run(p)
     assert p.returncode == 0, err
     stopped = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']
     log = read_log(tmp_path)
