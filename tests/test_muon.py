@@ -1,6 +1,4 @@
 """muon.Muon against torch.optim.Muon, and what it adds: conv weights, batching, ranks."""
-import os
-
 import pytest
 import torch
 

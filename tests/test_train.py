@@ -102,7 +102,7 @@ def write_image_folder(root, n=3, size=(50, 40)):
 
 
 def test_image_folder_reads_jpeg_png_and_odd_modes(tmp_path):
-    root = write_image_folder(tmp_path)
+    write_image_folder(tmp_path)
     folder = tmp_path / 'train' / 'dog'
     Image.new('L', (30, 20), 100).save(folder / 'gray.jpg')
     Image.new('CMYK', (30, 20), (255, 0, 0, 0)).save(folder / 'cmyk.jpg')
