@@ -295,8 +295,7 @@ def main(argv):
     results = [dict(head=name, lr=lr, weight_decay=wd, top1=acc) for name, n in correct.items()
                for (lr, wd), acc in zip(grid, (n.double() / len(val_set)).tolist())]
     out = dict(results=results, best=max(results, key=lambda r: r['top1']))
-    warnings = [edge_warning(c, max((r for r in results if r['head'] == name), key=lambda r: r['top1']))
-                for name in heads]
+    warnings = [edge_warning(c, [r for r in results if r['head'] == name]) for name in heads]
     if any(warnings):
         out['warning'] = ' '.join(w for w in warnings if w)
     if rt.master:
@@ -316,12 +315,17 @@ def main(argv):
     return out
 
 
-def edge_warning(c, best):
-    """The best setting on the edge of a grid axis (of more than one value): the
-    optimum may lie outside it, so widen the grid before trusting the number."""
-    edges = [f"{key}={best[key]:g} is the {'smallest' if best[key] == min(values) else 'largest'} of --{name}"
-             for key, name, values in (('lr', 'lrs', c.lrs), ('weight_decay', 'wds', c.wds))
-             if len(values) > 1 and best[key] in (min(values), max(values))]
+def edge_warning(c, results):
+    """The best setting of one head's results on the edge of a grid axis (of more
+    than one value), unless an interior setting ties it: the optimum may lie
+    outside the grid, so widen it before trusting the number."""
+    best = max(results, key=lambda r: r['top1'])
+    edges = []
+    for key, name, values in (('lr', 'lrs', c.lrs), ('weight_decay', 'wds', c.wds)):
+        other = 'weight_decay' if key == 'lr' else 'lr'
+        inner = [r['top1'] for r in results if r[other] == best[other] and min(values) < r[key] < max(values)]
+        if len(values) > 1 and best[key] in (min(values), max(values)) and max(inner, default=-1) < best['top1']:
+            edges.append(f"{key}={best[key]:g} is the {'smallest' if best[key] == min(values) else 'largest'} of --{name}")
     return f"{best['head']} probe's best setting lies on the grid's edge ({', '.join(edges)})." if edges else ''
 
 

@@ -171,10 +171,14 @@ def test_both_heads_in_one_pass_and_the_edge_warning(tmp_path):
     # two lrs: any best is on an edge, and the warning names the head and the key
     assert 'attentive probe' in out['warning'] and 'linear probe' in out['warning'] and '--lrs' in out['warning']
     c = SimpleNamespace(lrs=(1e-4, 1e-3, 1e-2), wds=(0.0, 0.05, 0.1))
-    assert probe.edge_warning(c, dict(head='linear', lr=1e-3, weight_decay=0.05)) == ''
-    assert 'lr=0.01 is the largest of --lrs' in probe.edge_warning(c, dict(head='linear', lr=1e-2, weight_decay=0.05))
-    assert 'weight_decay=0 is the smallest of --wds' in probe.edge_warning(c, dict(head='linear', lr=1e-3, weight_decay=0.0))
-    assert probe.edge_warning(SimpleNamespace(lrs=(1e-3,), wds=(0.0,)), dict(head='linear', lr=1e-3, weight_decay=0.0)) == ''
+    grid = lambda best, top1=0.5: [dict(head='linear', lr=lr, weight_decay=wd, top1=top1 if (lr, wd) == best else 0.1)
+                                   for lr in c.lrs for wd in c.wds]
+    assert probe.edge_warning(c, grid((1e-3, 0.05))) == ''
+    assert 'lr=0.01 is the largest of --lrs' in probe.edge_warning(c, grid((1e-2, 0.05)))
+    assert 'weight_decay=0 is the smallest of --wds' in probe.edge_warning(c, grid((1e-3, 0.0)))
+    tie = [dict(r, top1=0.5) if r['lr'] == 1e-3 else r for r in grid((1e-3, 0.0))]  # every wd ties: no edge
+    assert probe.edge_warning(c, tie) == ''
+    assert probe.edge_warning(SimpleNamespace(lrs=(1e-3,), wds=(0.0,)), [dict(head='linear', lr=1e-3, weight_decay=0.0, top1=0.5)]) == ''
 
 
 def test_one_pass_sweep_matches_single_runs_end_to_end(tmp_path):
