@@ -6,6 +6,7 @@ import torch
 
 import train_mae as T
 from conftest import TINY, read_log
+from muon import zeropower_via_newtonschulz5
 from optimizers import Adafactor
 
 
@@ -66,3 +67,27 @@ def test_adafactor_trains(tmp_path):
 def test_a_flag_that_cannot_take_effect_is_an_error(tmp_path, args, names):
     with pytest.raises(SystemExit, match=names):
         T.main(TINY + [f'--out_dir={tmp_path}'] + args)
+
+
+def test_muon_orthogonalises_swiglu_gate_and_value_as_two_matrices():
+    c = T.SimpleNamespace(**{**T.CONFIG, 'swiglu': True, 'enc_depth': 1, 'dec_depth': 1, 'img_size': 32,
+                             'patch_size': 8, 'enc_dim': 64, 'enc_heads': 2, 'dec_dim': 32, 'dec_heads': 2})
+    torch.manual_seed(0)
+    model = T.build_model(c)
+    muon_names = [n for n, _ in T.param_groups(model, c)['muon']]
+    assert 'blocks.0.mlp.fc1_g.weight' in muon_names and 'blocks.0.mlp.fc1_x.weight' in muon_names
+    ffn = model.blocks[0].mlp
+    gate, value = ffn.fc1_g.weight, ffn.fc1_x.weight
+    gate.grad, value.grad = torch.randn_like(gate), 100 * torch.randn_like(value)  # gradients of another scale
+    refs = [p.detach().clone().requires_grad_() for p in (gate, value)]
+    for r, p in zip(refs, (gate, value)):
+        r.grad = p.grad.clone()
+    muon = [o for o in T.build_optimizers(model, c, 'cpu', log=lambda *a: None) if isinstance(o, T.Muon)][0]
+    muon.step()
+    for r in refs:  # each alone, by torch's own Muon: the same update
+        torch.optim.Muon([r], lr=c.lr, weight_decay=c.muon_weight_decay, adjust_lr_fn='match_rms_adamw').step()
+    torch.testing.assert_close(gate.detach(), refs[0].detach())
+    torch.testing.assert_close(value.detach(), refs[1].detach())
+    # ...which a fused [2h, d] matrix would not give: its gate half is orthogonalised with the value's
+    joint = zeropower_via_newtonschulz5(torch.cat([gate.grad, value.grad]))[:len(gate)]
+    assert (joint.float() - zeropower_via_newtonschulz5(gate.grad).float()).abs().max() > 0.1
