@@ -1,8 +1,8 @@
 """Attentive probe of a frozen MAE encoder: a whole lr x weight-decay sweep in one pass.
 
     python probe.py --ckpt=out/quickstart/ckpt.pt   # architecture and data from the checkpoint
-    # the baseline: the same encoder, untrained (ckpt='' takes train_mae.py's model and data keys)
-    python probe.py --ckpt= --data_dir=synthetic --synthetic_size='(10000,256)' --img_size=64 --patch_size=8 --enc_dim=128 --enc_depth=6 --enc_heads=4
+    # the baseline: the same architecture and data, a randomly initialised encoder
+    python probe.py --ckpt=out/quickstart/ckpt.pt --random_encoder=True   # -> out/quickstart/random_encoder/
     torchrun --standalone --nproc_per_node=8 probe.py --ckpt=out/muon/ckpt.pt
 
 The blog sweeps 10 learning rates x 3 weight decays, one probe run per setting.
@@ -36,9 +36,11 @@ from harness import ConfigError
 # crop_scale, ...) are keys here too: with a checkpoint they default to its
 # config, and an architecture key that disagrees with it is an error.
 _names_before_config = set(globals())
-ckpt = ''  # a train_mae.py ckpt.pt; '' probes a randomly initialised encoder (the baseline)
+ckpt = ''  # a train_mae.py ckpt.pt; '' probes a randomly initialised encoder of train_mae.py's model keys
+random_encoder = False  # True: the checkpoint's architecture and data, its weights replaced by a random init (the baseline)
 data_dir = ''  # '' = the checkpoint's; an ImageFolder root with train/ and val/, or 'synthetic'
-out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (out/probe without one)
+out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (its random_encoder/ subfolder
+# with random_encoder=True; out/probe without a checkpoint)
 epochs = 10
 warmup_epochs = 1  # linear lr warmup, then cosine to 0, per step
 batch_size = 1024  # global images per step (all ranks)
@@ -195,7 +197,8 @@ def load_config(argv):
     c.data_dir = c.data_dir or defaults['data_dir']  # --data_dir= (empty) keeps the checkpoint's
     if ckpt is not None:
         harness.check_architecture(c, ckpt, train_mae.ARCH_KEYS)  # "--enc_dim=128 does not match the checkpoint's 384"
-    c.out_dir = c.out_dir or (os.path.dirname(c.ckpt) if c.ckpt else os.path.join('out', 'probe'))
+    c.out_dir = c.out_dir or (os.path.join(os.path.dirname(c.ckpt), 'random_encoder' if c.random_encoder else '')
+                              if c.ckpt else os.path.join('out', 'probe'))
     harness.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
     if c.probe_optimizer not in ('adamw', 'muon'):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
@@ -223,7 +226,7 @@ def main(argv):
 
     torch.manual_seed(c.seed)  # the random encoder: the same on every rank
     model = train_mae.build_model(c)
-    if ckpt is not None:
+    if ckpt is not None and not c.random_encoder:
         model.load_state_dict(ckpt['model'])
     del ckpt
     model = model.to(dev).eval().requires_grad_(False)
@@ -256,7 +259,7 @@ def main(argv):
             heads[name] = probes, ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
         f"{P} probes per head ({len(c.lrs)} lrs x {len(c.wds)} wds; {', '.join(heads)}), {total} steps of "
-        f"{c.batch_size} images, {world} process(es), encoder {'from ' + c.ckpt if c.ckpt else 'random'}")
+        f"{c.batch_size} images, {world} process(es), encoder {'random' if c.random_encoder or not c.ckpt else 'from ' + c.ckpt}")
 
     from tqdm import tqdm
     bar = tqdm(total=total, disable=not rt.master, dynamic_ncols=True)
@@ -294,7 +297,8 @@ def main(argv):
         harness.shutdown_distributed()
     results = [dict(head=name, lr=lr, weight_decay=wd, top1=acc) for name, n in correct.items()
                for (lr, wd), acc in zip(grid, (n.double() / len(val_set)).tolist())]
-    out = dict(results=results, best=max(results, key=lambda r: r['top1']))
+    out = dict(encoder='random' if c.random_encoder or not c.ckpt else c.ckpt, results=results,
+               best=max(results, key=lambda r: r['top1']))
     warnings = [edge_warning(c, [r for r in results if r['head'] == name]) for name in heads]
     if any(warnings):
         out['warning'] = ' '.join(w for w in warnings if w)

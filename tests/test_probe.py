@@ -230,6 +230,27 @@ def test_checkpoint_round_trip_without_repeating_flags(tmp_path, monkeypatch, ar
         probe.load_config([f'--ckpt={tmp_path / "ckpt.pt"}', '--enc_dim=128'])
 
 
+def test_random_encoder_takes_the_checkpoints_architecture_not_its_weights(tmp_path, monkeypatch):
+    run(TINY + ['--swiglu=True', '--max_iters=2', f'--out_dir={tmp_path}'])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    built, build_model = [], train_mae.build_model
+    monkeypatch.setattr(train_mae, 'build_model', lambda c: built.append(build_model(c)) or built[-1])
+    results = probe.main([f'--ckpt={tmp_path / "ckpt.pt"}', '--random_encoder=True', '--synthetic_size=(64,32)',
+                          '--batch_size=32', '--epochs=1', '--lrs=(1e-3,)', '--wds=(0.05,)', '--compile=False',
+                          '--num_workers=0', '--seed=3'])
+    monkeypatch.undo()
+    assert results['encoder'] == 'random' and os.path.isfile(tmp_path / 'random_encoder' / 'probe_results.json')
+    assert not os.path.exists(tmp_path / 'probe_results.json')  # the pretrained encoder's results stay its own
+    [model] = built
+    torch.manual_seed(3)  # the probe's seed draws the random encoder
+    fresh = build_model(SimpleNamespace(**{**train_mae.CONFIG, **ckpt['config']}))
+    assert model.state_dict().keys() == ckpt['model'].keys()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    moved = [k for k, v in ckpt['model'].items() if not torch.equal(model.state_dict()[k].cpu(), v)]
+    assert any('fc1_g' in k for k in moved), moved  # trained weights were not loaded
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--lrs=1e-3'], "--lrs=0.001: expected tuple"),
     (['--probe_optimizer=sgd'], "--probe_optimizer='sgd': must be one of adamw, muon"),
