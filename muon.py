@@ -64,8 +64,8 @@ def newton_schulz_(X, work, steps, coefficients, eps, batched=None):
         x = X[j]
         for i in range(steps):
             torch.mm(x, x.T, out=A)
-            torch.addmm(A, A, A, beta=b, alpha=c, out=B)
-            x = torch.addmm(x, B, x, beta=a, out=buffers[i % 2][j])
+            torch.addmm(A, A, A, beta=b, alpha=c, out=B)  # b*A + c*A@A
+            x = torch.addmm(x, B, x, beta=a, out=buffers[i % 2][j])  # a*x + B@x
     X = buffers[(steps - 1) % 2] if steps else X
     return X.mT if tall else X
 
@@ -84,7 +84,8 @@ def adjusted_lr(lr, adjust_lr_fn, shape):
 
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's constructor and update, plus: conv weights (as 2D),
-    one batched Newton-Schulz call per shape, the orthogonalisation split
+    same-shaped matrices orthogonalised together (one batched Newton-Schulz call
+    per shape off the CPU, one mm per matrix on it), the orthogonalisation split
     across ranks under torch.distributed (all ranks must hold identical
     gradients, as after DDP's all-reduce), and `momentum_dtype` (e.g.
     torch.bfloat16 halves the optimizer state). Between steps it keeps a bf16

@@ -257,9 +257,10 @@ def main(argv):
         if c.head in (name, 'both'):
             probes = Probes(P, c.enc_dim, len(classes), c.seed).to(dev)
             heads[name] = probes, ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
+    encoder = 'random' if c.random_encoder or not c.ckpt else c.ckpt
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
         f"{P} probes per head ({len(c.lrs)} lrs x {len(c.wds)} wds; {', '.join(heads)}), {total} steps of "
-        f"{c.batch_size} images, {world} process(es), encoder {'random' if c.random_encoder or not c.ckpt else 'from ' + c.ckpt}")
+        f"{c.batch_size} images, {world} process(es), encoder {encoder if encoder == 'random' else 'from ' + encoder}")
 
     from tqdm import tqdm
     bar = tqdm(total=total, disable=not rt.master, dynamic_ncols=True)
@@ -297,8 +298,7 @@ def main(argv):
         harness.shutdown_distributed()
     results = [dict(head=name, lr=lr, weight_decay=wd, top1=acc) for name, n in correct.items()
                for (lr, wd), acc in zip(grid, (n.double() / len(val_set)).tolist())]
-    out = dict(encoder='random' if c.random_encoder or not c.ckpt else c.ckpt, results=results,
-               best=max(results, key=lambda r: r['top1']))
+    out = dict(encoder=encoder, results=results, best=max(results, key=lambda r: r['top1']))
     warnings = [edge_warning(c, [r for r in results if r['head'] == name]) for name in heads]
     if any(warnings):
         out['warning'] = ' '.join(w for w in warnings if w)
