@@ -49,6 +49,8 @@ wds = (5e-4, 1e-3, 5e-2)
 probe_optimizer = 'adamw'  # 'adamw', or 'muon' (Muon on the probe's matrices, AdamW on the query and biases)
 head = 'attentive'  # 'attentive', 'linear' (MAE's: mean-pooled tokens, BatchNorm without affine, a Linear) or 'both'
 head_weight_decay = -1.0  # weight decay of the final Linear; < 0 = the setting's (Zhai et al. 2022 decouple them)
+augment = True  # False: the probes train on centre crops without flips (the val transform), so the encoder
+# runs once over the train set and its tokens stay in memory (N x L x D values): epochs then cost little (small data)
 # system
 device = 'auto'  # 'auto', 'cuda' or 'cpu'
 dtype = 'auto'  # 'auto' (bfloat16 autocast on CUDA, float32 on CPU), 'bfloat16' or 'float32'
@@ -233,6 +235,7 @@ def main(argv):
     features = torch.compile(model.forward_features) if c.compile else model.forward_features
 
     train_set, val_set = train_mae.build_datasets(c, num_patches=0)  # RandomResizedCrop + flip; centre crops
+    train_set.train = c.augment  # augment=False: centre crops for training too
     steps_per_epoch = len(train_set) // c.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
@@ -241,10 +244,26 @@ def main(argv):
     if rt.master:
         harness.make_out_dir(c.out_dir)
     pin = dev.startswith('cuda')
-    train_loader = train_mae.make_loader(train_set, train_mae.TrainBatches(
-        len(train_set), c.batch_size, micro, rt.rank, world, c.seed, 0, total), c.num_workers, pin)
+    order = train_mae.TrainBatches(len(train_set), c.batch_size, micro, rt.rank, world, c.seed, 0, total)
     val_loader = train_mae.make_loader(val_set, train_mae.val_batches(len(val_set), micro, rt.rank, world),
                                        c.num_workers, pin)
+
+    def encode(loader):  # -> (tokens [n, L, D], labels [n]) per batch
+        for batch in loader:
+            with torch.no_grad(), autocast:  # (not around the yield: the caller trains the probes)
+                x = features(train_mae.to_device(batch.imgs, dev))
+            yield x, batch.labels.to(dev, non_blocking=True)
+
+    def train_batches():
+        if c.augment:  # a fresh crop of each image at each epoch
+            yield from encode(train_mae.make_loader(train_set, order, c.num_workers, pin))
+            return
+        # every image's tokens once (each rank holds all of them), then the same batch order from memory
+        x, labels = map(torch.cat, zip(*encode(train_mae.make_loader(
+            train_set, train_mae.val_batches(len(train_set), micro, 0, 1), c.num_workers, pin))))
+        for batch in order:
+            i = torch.tensor([i for _, i in batch], device=dev)
+            yield x[i], labels[i]
 
     grid = [(lr, wd) for lr in c.lrs for wd in c.wds]
     P = len(grid)
@@ -264,10 +283,7 @@ def main(argv):
 
     from tqdm import tqdm
     bar = tqdm(total=total, disable=not rt.master, dynamic_ncols=True)
-    for step, batch in enumerate(train_loader):
-        with torch.no_grad(), autocast:
-            x = features(train_mae.to_device(batch.imgs, dev))  # [n, L, D], shared by all probes
-        labels = batch.labels.to(dev, non_blocking=True)
+    for step, (x, labels) in enumerate(train_batches()):  # x [n, L, D], shared by all probes
         for probes, optimizer in heads.values():
             with autocast:
                 logits = probes(x)  # [P, n, classes]
@@ -287,11 +303,10 @@ def main(argv):
     correct = {name: torch.zeros(P, device=dev, dtype=torch.long) for name in heads}
     for probes, _ in heads.values():
         probes.eval()  # the linear probe's BatchNorm: running statistics
-    with torch.no_grad(), autocast:
-        for batch in val_loader:
-            x = features(train_mae.to_device(batch.imgs, dev))
+    for x, labels in encode(val_loader):
+        with torch.no_grad(), autocast:
             for name, (probes, _) in heads.items():
-                correct[name] += (probes(x).argmax(-1) == batch.labels.to(dev)).sum(1)
+                correct[name] += (probes(x).argmax(-1) == labels).sum(1)
     if rt.ddp:
         for n in correct.values():
             dist.all_reduce(n)

@@ -195,6 +195,38 @@ def test_one_pass_sweep_matches_single_runs_end_to_end(tmp_path):
         assert abs(alone['results'][0]['top1'] - r['top1']) <= 1 / 128 + 1e-9  # at most one val image apart
 
 
+def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeypatch):
+    """augment=False keeps every train image's tokens from one encoder pass; the
+    probes then train exactly as a plain loop that encodes each batch's centre
+    crops afresh, in the same batch order."""
+    calls, forward_features = [], train_mae.MAE.forward_features
+    monkeypatch.setattr(train_mae.MAE, 'forward_features', lambda self, x: calls.append(len(x)) or forward_features(self, x))
+    argv = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=3', '--lrs=(1e-2,)', '--wds=(0.05,)', '--augment=False']
+    out = probe.main(argv + [f'--out_dir={tmp_path}'])
+    assert sum(calls) == 96 + 40, calls  # each train and val image once, not once per epoch
+    monkeypatch.undo()
+    c, _ = probe.load_config(argv)
+    torch.manual_seed(c.seed)
+    model = train_mae.build_model(c).eval()
+    train_set, val_set = train_mae.build_datasets(c, num_patches=0)
+    train_set.train = False
+    probes = probe.AttentiveProbes(1, c.enc_dim, 10, c.seed)
+    opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
+    encode = lambda ds, idx: (model.forward_features(train_mae.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu')),
+                              torch.tensor([ds[k].labels for k in idx]))
+    total = 3 * (96 // 32)
+    for step, batch in enumerate(train_mae.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
+        with torch.no_grad():
+            x, y = encode(train_set, [(0, i) for _, i in batch])
+        F.cross_entropy(probes(x)[0], y).backward()
+        opt.step(torch.tensor([1e-2]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0))
+        probes.zero_grad()
+    with torch.no_grad():
+        x, y = encode(val_set, [(0, i) for i in range(40)])
+        top1 = (probes(x)[0].argmax(-1) == y).double().mean().item()
+    assert out['results'][0]['top1'] == top1 and 0 < top1 < 1
+
+
 def test_random_encoder_probe_beats_chance(tmp_path):
     # Random features of these shapes are weak (top-1 0.25-0.3 at this budget): a wide
     # encoder, mild crops and a few hundred steps keep the best probe far from chance.
