@@ -227,6 +227,12 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
     assert out['results'][0]['top1'] == top1 and 0 < top1 < 1
 
 
+def test_quickstart_probe_config_runs(tmp_path):
+    """config/probe_quickstart.py is a valid probe config (on a tiny encoder, for one epoch)."""
+    out = probe.main(['config/probe_quickstart.py'] + PROBE_TINY + [f'--out_dir={tmp_path}', '--epochs=1', '--batch_size=32'])
+    assert {r['head'] for r in out['results']} == {'attentive', 'linear'} and len(out['results']) == 16
+
+
 def test_random_encoder_probe_beats_chance(tmp_path):
     # Random features of these shapes are weak (top-1 0.25-0.3 at this budget): a wide
     # encoder, mild crops and a few hundred steps keep the best probe far from chance.
