@@ -343,7 +343,8 @@ def edge_warning(c, results):
     for key, name, values in (('lr', 'lrs', c.lrs), ('weight_decay', 'wds', c.wds)):
         other = 'weight_decay' if key == 'lr' else 'lr'
         inner = [r['top1'] for r in results if r[other] == best[other] and min(values) < r[key] < max(values)]
-        if len(values) > 1 and best[key] in (min(values), max(values)) and max(inner, default=-1) < best['top1']:
+        beyond = best[key] > 0 if best[key] == min(values) else True  # no weight decay lies below 0
+        if len(values) > 1 and best[key] in (min(values), max(values)) and beyond and max(inner, default=-1) < best['top1']:
             edges.append(f"{key}={best[key]:g} is the {'smallest' if best[key] == min(values) else 'largest'} of --{name}")
     return f"{best['head']} probe's best setting lies on the grid's edge ({', '.join(edges)})." if edges else ''
 

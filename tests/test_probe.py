@@ -175,7 +175,10 @@ def test_both_heads_in_one_pass_and_the_edge_warning(tmp_path):
                                    for lr in c.lrs for wd in c.wds]
     assert probe.edge_warning(c, grid((1e-3, 0.05))) == ''
     assert 'lr=0.01 is the largest of --lrs' in probe.edge_warning(c, grid((1e-2, 0.05)))
-    assert 'weight_decay=0 is the smallest of --wds' in probe.edge_warning(c, grid((1e-3, 0.0)))
+    assert 'weight_decay=0 is the smallest of --wds' not in probe.edge_warning(c, grid((1e-3, 0.0)))  # none below 0
+    c0 = SimpleNamespace(lrs=c.lrs, wds=(1e-4, 0.05, 0.1))
+    grid0 = [dict(r, weight_decay=w) for r, w in zip(grid((1e-3, 0.0)), [1e-4, 0.05, 0.1] * 3)]
+    assert 'weight_decay=0.0001 is the smallest of --wds' in probe.edge_warning(c0, grid0)
     tie = [dict(r, top1=0.5) if r['lr'] == 1e-3 else r for r in grid((1e-3, 0.0))]  # every wd ties: no edge
     assert probe.edge_warning(c, tie) == ''
     assert probe.edge_warning(SimpleNamespace(lrs=(1e-3,), wds=(0.0,)), [dict(head='linear', lr=1e-3, weight_decay=0.0, top1=0.5)]) == ''
@@ -229,8 +232,9 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
 
 def test_quickstart_probe_config_runs(tmp_path):
     """config/probe_quickstart.py is a valid probe config (on a tiny encoder, for one epoch)."""
-    out = probe.main(['config/probe_quickstart.py'] + PROBE_TINY + [f'--out_dir={tmp_path}', '--epochs=1', '--batch_size=32'])
-    assert {r['head'] for r in out['results']} == {'attentive', 'linear'} and len(out['results']) == 16
+    argv = ['config/probe_quickstart.py'] + PROBE_TINY + [f'--out_dir={tmp_path}', '--epochs=1', '--batch_size=32']
+    out, (c, _) = probe.main(argv), probe.load_config(argv)
+    assert not c.augment and c.head == 'both' and len(out['results']) == 2 * len(c.lrs) * len(c.wds) > 2
 
 
 def test_random_encoder_probe_beats_chance(tmp_path):
