@@ -6,7 +6,7 @@
 augment = False
 epochs, warmup_epochs = 50, 1
 batch_size = 64
-lrs = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+lrs = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 wds = (0.0, 5e-2)
 head = 'both'
 num_workers = 1
