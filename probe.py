@@ -262,8 +262,8 @@ def main(argv):
         x, labels = map(torch.cat, zip(*encode(train_mae.make_loader(
             train_set, train_mae.val_batches(len(train_set), micro, 0, 1), c.num_workers, pin))))
         for batch in order:
-            i = torch.tensor([i for _, i in batch], device=dev)
-            yield x[i], labels[i]
+            idx = torch.tensor([i for _, i in batch], device=dev)
+            yield x[idx], labels[idx]
 
     grid = [(lr, wd) for lr in c.lrs for wd in c.wds]
     P = len(grid)
@@ -343,8 +343,8 @@ def edge_warning(c, results):
     for key, name, values in (('lr', 'lrs', c.lrs), ('weight_decay', 'wds', c.wds)):
         other = 'weight_decay' if key == 'lr' else 'lr'
         inner = [r['top1'] for r in results if r[other] == best[other] and min(values) < r[key] < max(values)]
-        beyond = best[key] > 0 if best[key] == min(values) else True  # no weight decay lies below 0
-        if len(values) > 1 and best[key] in (min(values), max(values)) and beyond and max(inner, default=-1) < best['top1']:
+        ends = {v for v in (min(values), max(values)) if v > 0}  # nothing lies below a weight decay of 0
+        if len(values) > 1 and best[key] in ends and max(inner, default=-1) < best['top1']:
             edges.append(f"{key}={best[key]:g} is the {'smallest' if best[key] == min(values) else 'largest'} of --{name}")
     return f"{best['head']} probe's best setting lies on the grid's edge ({', '.join(edges)})." if edges else ''
 
