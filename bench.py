@@ -33,6 +33,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import harness
+import muon
 import train_mae
 from muon import Muon
 
@@ -192,16 +193,22 @@ def bench_muon_step(c):
         p.grad = torch.randn_like(p)
     kwargs = dict(lr=c.lr, weight_decay=c.muon_weight_decay, momentum=c.muon_momentum, nesterov=c.muon_nesterov,
                   ns_steps=c.muon_ns_steps, adjust_lr_fn=c.muon_adjust_lr)
-    optimizers = dict(ours=Muon(params, **kwargs), torch=torch.optim.Muon(params, **kwargs))
+    ns_dtype = muon.ns_dtype(dev) if c.muon_ns_dtype == 'auto' else getattr(torch, c.muon_ns_dtype)
+    optimizers = dict(ours=Muon(params, ns_dtype=ns_dtype, **kwargs), torch=torch.optim.Muon(params, **kwargs))
     for opt in optimizers.values():
         opt.step()  # untimed: creates the momentum buffers
+    # torch's Newton-Schulz is always bf16: where bf16 is emulated (a CPU without
+    # native bf16) one of its steps takes minutes, so it is timed once there
+    torch_iters = c.muon_iters if muon.ns_dtype(dev) == torch.bfloat16 else 1
     times = {key: [] for key in optimizers}
-    for _ in range(c.muon_iters):  # alternate, so a busy machine slows both alike
+    for i in range(c.muon_iters):  # alternate, so a busy machine slows both alike
         for key, opt in optimizers.items():
-            times[key].append(seconds(opt.step, dev))
+            if key == 'ours' or i < torch_iters:
+                times[key].append(seconds(opt.step, dev))
     ours_ms, torch_ms = (1000 * statistics.median(times[key]) for key in ('ours', 'torch'))
     # under torchrun, ours splits the Newton-Schulz work across the `world` ranks; torch's does it all on each
     yield dict(name='muon_step', ours_ms=ours_ms, torch_ms=torch_ms, speedup=torch_ms / ours_ms,
+               ns_dtype=str(ns_dtype).removeprefix('torch.'), torch_iters=torch_iters,
                device=device_name(dev), model=model_name(c), matrices=len(params),
                params=sum(p.numel() for p in params), world=dist.get_world_size() if dist.is_initialized() else 1)
 

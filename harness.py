@@ -99,7 +99,8 @@ def coerce(key, value, default):
 CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
                muon_adjust_lr=('original', 'match_rms_adamw'), schedule=('cosine', 'wsd', 'rsqrt'),
                init_from=('scratch', 'resume'), dtype=('auto', 'bfloat16', 'float32'),
-               device=('auto', 'cuda', 'cpu'), state_dtype=('float32', 'bfloat16'))
+               device=('auto', 'cuda', 'cpu'), state_dtype=('float32', 'bfloat16'),
+               muon_ns_dtype=('auto', 'bfloat16', 'float32'))
 
 
 def check_config(c):
@@ -128,11 +129,15 @@ def check_config(c):
             raise ConfigError(f"--{key}={getattr(c, key)}: must be >= 1")
     if len(c.betas) != 2 or len(c.crop_scale) != 2 or len(c.synthetic_size) != 2:
         raise ConfigError("--betas, --crop_scale and --synthetic_size take two values each")
+    if not 0 <= c.warmup_start <= 1:
+        raise ConfigError(f"--warmup_start={c.warmup_start}: must be in [0, 1] (a fraction of the peak lr)")
     if not 0 <= c.cooldown_frac <= 1:
         raise ConfigError(f"--cooldown_frac={c.cooldown_frac}: must be in [0, 1]")
     if c.state_dtype == 'bfloat16' and c.optimizer not in ('muon', 'lamb'):  # a flag that would do nothing
         raise ConfigError(f"--state_dtype=bfloat16 applies to optimizer muon (its momentum) or lamb (its first "
                           f"moment), not --optimizer={c.optimizer}")
+    if c.muon_ns_dtype != 'auto' and c.optimizer != 'muon':
+        raise ConfigError(f"--muon_ns_dtype={c.muon_ns_dtype} applies to optimizer muon, not --optimizer={c.optimizer}")
     if c.muon_conv and (c.optimizer != 'muon' or c.stem != 'conv'):
         raise ConfigError(f"--muon_conv=True needs --optimizer=muon and --stem=conv (got {c.optimizer}, {c.stem})")
 

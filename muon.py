@@ -8,7 +8,9 @@ dominant ones that plain momentum follows. UV^T is approximated by five steps
 of a quintic Newton-Schulz iteration whose coefficients (3.4445, -4.7750,
 2.0315) maximise the slope at zero: it converges fast and lands the singular
 values in roughly [0.7, 1.2] instead of exactly 1, which does not hurt. The
-iteration is stable in bf16, so it runs in bf16 on the tensor cores.
+iteration is stable in bf16, so it runs in bf16 where bf16 matmuls are fast (GPUs,
+CPUs with AVX512-BF16, AMX or Arm's BF16) and in fp32 elsewhere: on a CPU without
+native bf16 (AVX2 only) torch emulates bf16 matmuls, many times slower than fp32.
 
 Only for 2D hidden weights (conv weights are viewed as out x in*kh*kw);
 embeddings, norms and biases belong to AdamW.
@@ -22,21 +24,26 @@ References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural
 networks" (2024); J. Liu et al., "Muon is Scalable for LLM Training" (2025),
 for the `match_rms_adamw` learning-rate adjustment.
 """
+import functools
 import math
+import os
+import re
 
 import torch
 import torch.distributed as dist
 
 
-def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, batched=None):
-    """Approximately orthogonalise G [..., A, B], batched over leading dims."""
-    X = G.reshape(-1, *G.shape[-2:]).to(torch.bfloat16, copy=True).contiguous()  # [k, A, B]
+def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, batched=None,
+                                dtype=None):
+    """Approximately orthogonalise G [..., A, B], batched over leading dims, in
+    `dtype` (None: ns_dtype(G.device), bf16 where it is fast)."""
+    X = G.reshape(-1, *G.shape[-2:]).to(dtype or ns_dtype(G.device), copy=True).contiguous()  # [k, A, B]
     work = X.new_empty(X.size(0), min(X.shape[-2:]), max(X.shape[-2:]))
     return newton_schulz_(X, work, steps, coefficients, eps, batched).reshape(G.shape)
 
 
 def newton_schulz_(X, work, steps, coefficients, eps, batched=None):
-    """zeropower_via_newtonschulz5 in place: X [k, A, B] (bf16, contiguous) is
+    """zeropower_via_newtonschulz5 in place: X [k, A, B] (contiguous) is
     overwritten and the iterates alternate between `work` [k, min(A, B), max(A, B)]
     and X's memory, so nothing the size of X is allocated (on a CPU a fresh tensor
     costs its page faults, a few % of the step). Returns a view of one of the two.
@@ -70,6 +77,28 @@ def newton_schulz_(X, work, steps, coefficients, eps, batched=None):
     return X.mT if tall else X
 
 
+def ns_dtype(device):
+    """Newton-Schulz's default dtype on `device`: bf16 on GPUs and on CPUs with
+    native bf16 matmuls, fp32 on other CPUs."""
+    device = torch.device(device)
+    return torch.bfloat16 if device.type != 'cpu' or cpu_has_fast_bf16() else torch.float32
+
+
+@functools.cache
+def cpu_has_fast_bf16():
+    """AVX512-BF16 or AMX (x86) or BF16 (Arm) in /proc/cpuinfo, unless
+    ONEDNN_MAX_CPU_ISA keeps oneDNN, which runs torch's bf16 matmuls, below them."""
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
+    if isa not in ('ALL', 'DEFAULT') and 'BF16' not in isa and 'AMX' not in isa:
+        return False
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpuinfo = f.read()
+    except OSError:  # not Linux: fp32 is always correct, at worst slower
+        return False
+    return re.search(r'\b(avx512_bf16|amx_bf16|bf16)\b', cpuinfo) is not None
+
+
 def adjusted_lr(lr, adjust_lr_fn, shape):
     """Scale lr by the matrix shape: 'original' (Jordan) keeps the update's RMS
     independent of aspect ratio; 'match_rms_adamw' (Liu et al.) gives it AdamW's
@@ -87,14 +116,16 @@ class Muon(torch.optim.Optimizer):
     same-shaped matrices orthogonalised together (one batched Newton-Schulz call
     per shape off the CPU, one mm per matrix on it), the orthogonalisation split
     across ranks under torch.distributed (all ranks must hold identical
-    gradients, as after DDP's all-reduce), and `momentum_dtype` (e.g.
-    torch.bfloat16 halves the optimizer state). Between steps it keeps a bf16
-    workspace, not in the state: two stacks of the largest group of same-shaped
-    matrices (the momentum updates, and Newton-Schulz's other buffer)."""
+    gradients, as after DDP's all-reduce), `momentum_dtype` (e.g.
+    torch.bfloat16 halves the optimizer state) and `ns_dtype`, Newton-Schulz's
+    dtype (None: ns_dtype(device), bf16 where bf16 matmuls are fast, as torch's
+    always is; fp32 elsewhere). Between steps it keeps a workspace in that dtype,
+    not in the state: two stacks of the largest group of same-shaped matrices
+    (the momentum updates, and Newton-Schulz's other buffer)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
-                 adjust_lr_fn=None, momentum_dtype=None):
+                 adjust_lr_fn=None, momentum_dtype=None, ns_dtype=None):
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError(f"Muon: lr, weight_decay and momentum must be >= 0, got {lr}, {weight_decay}, {momentum}")
         adjusted_lr(1.0, adjust_lr_fn, (1, 1))  # validates the name
@@ -102,8 +133,8 @@ class Muon(torch.optim.Optimizer):
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
-        self.momentum_dtype = momentum_dtype
-        self.workspace = {}  # device -> flat bf16 tensor, see _stacks
+        self.momentum_dtype, self.ns_dtype = momentum_dtype, ns_dtype
+        self.workspace = {}  # device -> flat tensor in Newton-Schulz's dtype, see _stacks
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -122,7 +153,7 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(p.flatten(1).shape, []).append(p)
             for shape, params in by_shape.items():
                 U, work = self._stacks(len(params), shape, params[0].device)
-                # the momentum update, per parameter, written straight into the bf16 stack
+                # the momentum update, per parameter, written straight into the Newton-Schulz stack
                 for p, u in zip(params, U):
                     state = self.state[p]
                     if "momentum_buffer" not in state:
@@ -138,7 +169,7 @@ class Muon(torch.optim.Optimizer):
                 lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
                 for p, o in zip(params, O):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.view_as(p), alpha=-lr)  # o is bf16, added in p's dtype
+                    p.add_(o.view_as(p), alpha=-lr)  # o is bf16 or fp32, added in p's dtype
         return loss
 
     def _stacks(self, k, shape, device):
@@ -146,8 +177,9 @@ class Muon(torch.optim.Optimizer):
         written into and Newton-Schulz's other buffer [k, min(A, B), max(A, B)]. Kept
         between steps (a fresh one costs a CPU its page faults) and shared by all shapes."""
         n = k * shape.numel()
+        dtype = self.ns_dtype or ns_dtype(device)
         if device not in self.workspace or self.workspace[device].numel() < 2 * n:
-            self.workspace[device] = torch.empty(2 * n, dtype=torch.bfloat16, device=device)
+            self.workspace[device] = torch.empty(2 * n, dtype=dtype, device=device)
         U, work = self.workspace[device][:2 * n].view(2, -1)
         return U.view(k, *shape), work.view(k, min(shape), max(shape))
 
@@ -161,7 +193,8 @@ class Muon(torch.optim.Optimizer):
         k = U.size(0)
         per_rank = math.ceil(k / world)
         U = torch.cat([U, U.new_zeros(per_rank * world - k, *U.shape[1:])])  # pad to a multiple of world
-        mine = zeropower_via_newtonschulz5(U[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank], *args)
+        mine = zeropower_via_newtonschulz5(U[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank], *args,
+                                           dtype=U.dtype)
         if U.device.type == "cpu":  # gloo has no bf16 all_gather
             mine = mine.float()
         parts = [torch.empty_like(mine) for _ in range(world)]

@@ -43,6 +43,7 @@ out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (its
 # with random_encoder=True; out/probe without a checkpoint)
 epochs = 10
 warmup_epochs = 1  # linear lr warmup, then cosine to 0, per step
+warmup_start = 1 / 3  # the warmup's first lr, a fraction of the peak (torch's LinearLR default, as the blog's code)
 batch_size = 1024  # global images per step (all ranks)
 lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # the sweep is every lr x every wd
 wds = (5e-4, 1e-3, 5e-2)
@@ -293,7 +294,7 @@ def main(argv):
                 for p in probes.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= world
-            optimizer.step(peak_lr * train_mae.lr_factor(step, total, warmup, 'cosine', 0.0))
+            optimizer.step(peak_lr * train_mae.lr_factor(step, total, warmup, 'cosine', 0.0, c.warmup_start))
             probes.zero_grad(set_to_none=True)
         bar.update(1)
         if (step + 1) % steps_per_epoch == 0:

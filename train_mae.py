@@ -65,12 +65,14 @@ muon_nesterov = True
 muon_ns_steps = 5
 muon_adjust_lr = 'match_rms_adamw'  # 'original' (Jordan) or 'match_rms_adamw' (Liu et al.): lr scale per matrix shape
 muon_conv = False  # conv-stem weights on Muon (viewed as 2D) instead of AdamW
+muon_ns_dtype = 'auto'  # Newton-Schulz in 'bfloat16' or 'float32'; 'auto': bf16 on GPUs and CPUs with native bf16
 state_dtype = 'float32'  # 'bfloat16': Muon's momentum or LAMB's first moment in bf16 (Zhai et al.; Adafactor's always is)
 # schedule
 batch_size = 4096  # global images per optimizer step (all ranks x accumulation)
 micro_batch_size = 256  # images per process per forward; accumulation = batch_size / (micro_batch_size * world)
 epochs = 400
 warmup_epochs = 40
+warmup_start = 1 / 3  # the warmup's first lr, a fraction of the peak (torch's LinearLR default, as the blog's code)
 max_iters = 0  # if > 0, the run is this many optimizer steps (schedules scale to it)
 schedule = 'cosine'  # 'cosine', 'wsd' (warmup, constant, linear cooldown) or 'rsqrt' (warmup, 1/sqrt, cooldown)
 cooldown_frac = 0.2  # wsd/rsqrt: fraction of the run spent in the linear cooldown to 0
@@ -558,22 +560,25 @@ def build_optimizers(model, c, device_type, log=print):
     if groups['muon']:
         optimizers.append(Muon([p for _, p in groups['muon']], lr=c.lr, weight_decay=c.muon_weight_decay,
                                momentum=c.muon_momentum, nesterov=c.muon_nesterov, ns_steps=c.muon_ns_steps,
-                               adjust_lr_fn=c.muon_adjust_lr, momentum_dtype=state_dtype))
+                               adjust_lr_fn=c.muon_adjust_lr, momentum_dtype=state_dtype,
+                               ns_dtype=None if c.muon_ns_dtype == 'auto' else getattr(torch, c.muon_ns_dtype)))
     return optimizers
 
 
-def lr_factor(step, total, warmup, schedule, cooldown_frac):
+def lr_factor(step, total, warmup, schedule, cooldown_frac, warmup_start):
     """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`.
-    cosine: linear warmup, cosine to 0. wsd (Zhai et al. 2022): warmup, constant,
+    The warmup rises linearly from warmup_start at step 0 to 1 at step `warmup`
+    (torch's LinearLR, stepped per optimizer step, as the blog's code).
+    cosine: warmup, cosine to 0. wsd (Zhai et al. 2022): warmup, constant,
     linear cooldown to 0 over the last cooldown_frac of the run. rsqrt: warmup,
     sqrt(warmup / step), the same cooldown. wsd and rsqrt do not depend on the
     run's length until the cooldown, so a long run can be cooled down from any
     checkpoint: resume it with a smaller max_iters."""
     if step < warmup:
-        return (step + 1) / warmup
+        return warmup_start + (1 - warmup_start) * step / warmup
     if schedule == 'cosine':
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    base = 1.0 if schedule == 'wsd' else math.sqrt(max(1, warmup) / (step + 1))
+    base = 1.0 if schedule == 'wsd' else math.sqrt(max(1, warmup) / max(1, step))  # 1 at the warmup's end
     cooldown = round(cooldown_frac * total)
     if step >= total - cooldown:  # reaches 0 at the final step
         return base * (total - 1 - step) / max(1, cooldown - 1) if cooldown > 1 else 0.0
@@ -583,7 +588,7 @@ def lr_factor(step, total, warmup, schedule, cooldown_frac):
 def run_schedule(c, train_images):
     """step -> lr factor of the run of config c on a training set of train_images."""
     total, warmup = run_length(c, train_images)
-    return lambda step: lr_factor(step, total, warmup, c.schedule, c.cooldown_frac)
+    return lambda step: lr_factor(step, total, warmup, c.schedule, c.cooldown_frac, c.warmup_start)
 
 
 def run_length(c, train_images):
@@ -654,6 +659,7 @@ def main(argv):
     if len(train_set) < c.batch_size:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
     total, warmup = run_length(c, len(train_set))
+    lr_at = run_schedule(c, len(train_set))  # step -> lr factor
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(train_set) // c.batch_size} steps per epoch, "
         f"{total} steps ({warmup} warmup), {rt.world} process(es) x {accum} accumulation x {c.micro_batch_size} "
         f"= {c.batch_size}")
@@ -696,7 +702,7 @@ def main(argv):
     with tqdm(total=total, initial=step, disable=not rt.master, dynamic_ncols=True) as bar, \
             harness.stop_on_signals() as stop:
         while step < total:
-            lr = c.lr * lr_factor(step, total, warmup, c.schedule, c.cooldown_frac)
+            lr = c.lr * lr_at(step)
             for group in (group for opt in optimizers for group in opt.param_groups):
                 group['lr'] = lr
             for micro in range(accum):

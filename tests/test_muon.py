@@ -1,10 +1,18 @@
-"""muon.Muon against torch.optim.Muon, and what it adds: conv weights, batching, ranks."""
+"""muon.Muon against torch.optim.Muon (both in bf16) and against a float64
+Muon written here (ours in fp32), and what it adds: conv weights, batching,
+ranks, the Newton-Schulz dtype."""
+import functools
+import math
+
 import pytest
 import torch
 
+import muon
 import muon_ddp_worker
 from conftest import run
 from muon import Muon, zeropower_via_newtonschulz5
+
+BF16 = dict(ns_dtype=torch.bfloat16)  # torch.optim.Muon's Newton-Schulz runs in bf16 on every device
 
 SHAPES = [(64, 16), (16, 64), (32, 32), (48, 40), (64, 16)]  # tall, wide, square, near-square, a repeat
 
@@ -14,9 +22,9 @@ def run_both(shapes, steps=4, **kw):
     init = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(steps)]
     results = []
-    for cls in (Muon, torch.optim.Muon):
+    for make in (functools.partial(Muon, **BF16), torch.optim.Muon):
         params = [torch.nn.Parameter(w.clone()) for w in init]
-        opt = cls(params, **kw)
+        opt = make(params, **kw)
         for g in grads:
             for p, gi in zip(params, g):
                 p.grad = gi.clone()
@@ -68,7 +76,7 @@ def test_conv_weights_are_orthogonalised_as_2d_matrices():
     flat = torch.nn.Parameter(w0.view(8, 36).clone())
     for p, grad in ((conv, g), (flat, g.view(8, 36))):
         p.grad = grad.clone()
-    Muon([conv], lr=0.02, adjust_lr_fn='match_rms_adamw').step()
+    Muon([conv], lr=0.02, adjust_lr_fn='match_rms_adamw', **BF16).step()
     torch.optim.Muon([flat], lr=0.02, adjust_lr_fn='match_rms_adamw').step()
     assert conv.shape == (8, 4, 3, 3)
     step = (flat.detach() - w0.view(8, 36)).abs().max()
@@ -110,7 +118,7 @@ def test_shape_groups_that_change_between_steps():
     init = [torch.randn(s) for s in shapes]
     ours = [torch.nn.Parameter(w.clone()) for w in init]
     theirs = [torch.nn.Parameter(w.flatten(1).clone()) for w in init]
-    optimizers = Muon(ours, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    optimizers = Muon(ours, lr=0.02, **BF16), torch.optim.Muon(theirs, lr=0.02)
     for step in range(4):
         for i, shape in enumerate(shapes):
             g = torch.randn(shape) if (i + step) % 3 else None
@@ -149,6 +157,81 @@ def test_both_newton_schulz_paths_match_torchs(batched):
     coefficients = (3.4445, -4.775, 2.0315)
     for shape in [(3, 64, 16), (3, 16, 64), (2, 32, 32)]:
         G = torch.randn(shape)
-        ours = zeropower_via_newtonschulz5(G, 5, coefficients, 1e-7, batched=batched).float()
+        ours = zeropower_via_newtonschulz5(G, 5, coefficients, 1e-7, batched=batched, dtype=torch.bfloat16).float()
         theirs = torch.stack([_zeropower_via_newtonschulz(g, coefficients, 5, 1e-7) for g in G]).float()
         assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
+
+
+def muon_float64(init, grads, lr, weight_decay, momentum, nesterov, adjust_lr_fn, ns_steps=5,
+                 coefficients=(3.4445, -4.775, 2.0315), eps=1e-7):
+    """Muon as Jordan et al. and torch.optim.Muon's docs state it, in float64:
+    B = mu B + (1 - mu) G (as torch's lerp), U = G + mu (B - G) with Nesterov,
+    X = U / max(||U||_F, eps), five quintic Newton-Schulz steps on the wide
+    orientation, W = (1 - lr wd) W - adjusted_lr O."""
+    a, b, c = coefficients
+    weights = [w.double().clone() for w in init]
+    bufs = [torch.zeros_like(w) for w in weights]
+    for gs in grads:
+        for i, g in enumerate(gs):
+            g = g.double()
+            bufs[i] = momentum * bufs[i] + (1 - momentum) * g
+            u = g + momentum * (bufs[i] - g) if nesterov else bufs[i]
+            tall = u.size(0) > u.size(1)
+            X = u.T if tall else u
+            X = X / max(X.norm().item(), eps)
+            for _ in range(ns_steps):
+                A = X @ X.T
+                X = a * X + (b * A + c * A @ A) @ X
+            O = X.T if tall else X
+            A_, B_ = u.shape
+            scale = math.sqrt(max(1.0, A_ / B_)) if adjust_lr_fn in (None, 'original') else 0.2 * math.sqrt(max(A_, B_))
+            weights[i] = (1 - lr * weight_decay) * weights[i] - lr * scale * O
+    return weights
+
+
+@pytest.mark.parametrize('adjust_lr_fn', ['original', 'match_rms_adamw'])
+@pytest.mark.parametrize('nesterov', [True, False])
+@pytest.mark.parametrize('batched', [True, False])
+def test_fp32_newton_schulz_matches_a_float64_muon(adjust_lr_fn, nesterov, batched, monkeypatch):
+    """In fp32 (CPUs without native bf16) the update is the float64 one to fp32 rounding:
+    relative error ~1e-7 per product, amplified at most a few times by 5 iterations."""
+    monkeypatch.setattr(muon, 'newton_schulz_', functools.partial(muon.newton_schulz_, batched=batched))
+    torch.manual_seed(0)
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    init = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(4)]
+    params = [torch.nn.Parameter(w.clone()) for w in init]
+    opt = Muon(params, ns_dtype=torch.float32, **kw)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    assert opt.workspace[torch.device('cpu')].dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    for w0, p, ref in zip(init, params, muon_float64(init, grads, **kw)):
+        moved = (ref - w0.double()).abs().max()
+        assert moved > 1e-3
+        # Newton-Schulz in fp32: < 1e-5 of the step (bf16 is off by ~1e-2 of it, the torch
+        # comparison above); storing W in fp32: two roundings (decay, update) per step
+        tol = 1e-5 * moved + 2 * len(grads) * eps * ref.abs().max()
+        assert (p.detach().double() - ref).abs().max() < tol
+
+
+def test_newton_schulz_dtype_follows_the_device(monkeypatch):
+    """bf16 where bf16 matmuls are native, fp32 on CPUs that emulate them;
+    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 counts as emulated."""
+    muon.cpu_has_fast_bf16.cache_clear()
+    native = muon.cpu_has_fast_bf16()
+    assert muon.ns_dtype('cpu') == (torch.bfloat16 if native else torch.float32)
+    assert muon.ns_dtype('cuda') == torch.bfloat16
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    muon.cpu_has_fast_bf16.cache_clear()
+    assert muon.ns_dtype('cpu') == torch.float32
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    p.grad = torch.randn(32, 16)
+    opt = Muon([p])
+    opt.step()
+    assert opt.workspace[torch.device('cpu')].dtype == torch.float32
+    assert zeropower_via_newtonschulz5(p.grad).dtype == torch.float32
+    monkeypatch.undo()
+    muon.cpu_has_fast_bf16.cache_clear()

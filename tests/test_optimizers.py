@@ -71,7 +71,8 @@ def test_a_flag_that_cannot_take_effect_is_an_error(tmp_path, args, names):
 
 def test_muon_orthogonalises_swiglu_gate_and_value_as_two_matrices():
     c = T.SimpleNamespace(**{**T.CONFIG, 'swiglu': True, 'enc_depth': 1, 'dec_depth': 1, 'img_size': 32,
-                             'patch_size': 8, 'enc_dim': 64, 'enc_heads': 2, 'dec_dim': 32, 'dec_heads': 2})
+                             'patch_size': 8, 'enc_dim': 64, 'enc_heads': 2, 'dec_dim': 32, 'dec_heads': 2,
+                             'muon_ns_dtype': 'bfloat16'})  # as torch's
     torch.manual_seed(0)
     model = T.build_model(c)
     muon_names = [n for n, _ in T.param_groups(model, c)['muon']]

@@ -97,7 +97,7 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
     grid = [(lr, wd) for lr in lrs for wd in wds]
     torch.manual_seed(0)
     batches = [(torch.randn(16, 9, dim), torch.randint(0, 10, (16,))) for _ in range(steps)]
-    schedule = [train_mae.lr_factor(s, steps, warmup, 'cosine', 0.0) for s in range(steps)]
+    schedule = [train_mae.lr_factor(s, steps, warmup, 'cosine', 0.0, 1 / 3) for s in range(steps)]
 
     probes = probe.AttentiveProbes(len(grid), dim, 10, seed=1)
     decay = torch.tensor([wd for _, wd in grid])
@@ -222,7 +222,7 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
         with torch.no_grad():
             x, y = encode(train_set, [(0, i) for _, i in batch])
         F.cross_entropy(probes(x)[0], y).backward()
-        opt.step(torch.tensor([1e-2]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0))
+        opt.step(torch.tensor([1e-2]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0, 1 / 3))
         probes.zero_grad()
     with torch.no_grad():
         x, y = encode(val_set, [(0, i) for i in range(40)])

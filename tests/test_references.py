@@ -68,27 +68,39 @@ def test_decoder_puts_each_token_at_its_patch_with_its_position():
 
 # --- the schedule as the loop runs it -----------------------------------------
 
-def reference_lr(step, total, warmup, peak, schedule, cooldown_frac):
-    """The lr of 0-based optimizer step `step`: linear warmup to the peak at step
-    warmup - 1, then cosine to 0 at the last step, or (wsd) constant, then a
-    linear cooldown over the last cooldown_frac of the run that reaches 0 at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
+def torch_schedule(total, warmup, peak, schedule, cooldown_frac, warmup_start):
+    """The lr of every optimizer step as torch's schedulers give it, as the blog's
+    code builds them: LinearLR(start_factor=warmup_start, total_iters=warmup), then
+    CosineAnnealingLR to 0 (cosine), or a constant and a LinearLR cooldown to 0 at
+    the last step over the last cooldown_frac of the run (wsd)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    S = torch.optim.lr_scheduler
+    parts = [S.LinearLR(opt, start_factor=warmup_start, total_iters=warmup)]
     if schedule == 'cosine':
-        return peak * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
-    cooldown = round(cooldown_frac * total)
-    start_cooldown = total - cooldown
-    return peak if step < start_cooldown else peak * (total - 1 - step) / (cooldown - 1)
+        parts.append(S.CosineAnnealingLR(opt, T_max=total - warmup))
+        milestones = [warmup]
+    else:
+        cooldown = round(cooldown_frac * total)
+        parts += [S.ConstantLR(opt, factor=1.0), S.LinearLR(opt, 1.0, 0.0, total_iters=cooldown - 1)]
+        milestones = [warmup, total - cooldown]
+    sched = S.SequentialLR(opt, parts, milestones)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    return lrs
 
 
 @pytest.mark.usefixtures('one_thread')
-@pytest.mark.parametrize('length,schedule,optimizer,total,warmup', [
-    # 32 images // 8 = 4 steps per epoch: 5 epochs, 2 of warmup
-    (['--epochs=5', '--warmup_epochs=2'], 'cosine', 'adamw', 20, 8),
+@pytest.mark.parametrize('length,schedule,optimizer,total,warmup,warmup_start', [
+    # 32 images // 8 = 4 steps per epoch: 5 epochs, 2 of warmup; the blog's warmup start (LinearLR's default)
+    (['--epochs=5', '--warmup_epochs=2'], 'cosine', 'adamw', 20, 8, 1 / 3),
     # max_iters: warmup is warmup_epochs / epochs of the run, whatever an epoch is
-    (['--max_iters=20', '--epochs=10', '--warmup_epochs=3'], 'wsd', 'muon', 20, 6),
+    (['--max_iters=20', '--epochs=10', '--warmup_epochs=3', '--warmup_start=0.001'], 'wsd', 'muon', 20, 6, 0.001),
 ])
-def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, length, schedule, optimizer, total, warmup):
+def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, length, schedule, optimizer, total, warmup,
+                                                      warmup_start):
     applied = []  # (optimizer, lr of each of its param groups) as each step() runs
 
     def record(opt, args, kwargs):
@@ -102,16 +114,37 @@ def test_lr_applied_at_each_step_follows_the_schedule(tmp_path, length, schedule
                        f'--lr={peak}', f'--schedule={schedule}', '--cooldown_frac=0.3', '--max_iters=0'] + length)
     finally:
         hook.remove()
-    want = [reference_lr(s, total, warmup, peak, schedule, 0.3) for s in range(total)]
+    want = torch_schedule(total, warmup, peak, schedule, 0.3, warmup_start)
     logged = [r for r in read_log(tmp_path) if 'lr' in r]
     assert [r['step'] for r in logged] == list(range(1, total + 1))
+    # torch's cosine is a recurrence, not the closed form: equal to float rounding
     np.testing.assert_allclose([r['lr'] for r in logged], want, rtol=1e-9, atol=1e-12)
     n_opt = len({id(o) for o, _ in applied})
     assert n_opt == (2 if optimizer == 'muon' else 1) and len(applied) == n_opt * total
     for s in range(total):  # every group of every optimizer ran step s at the lr of step s
         lrs = [lr for _, group_lrs in applied[s * n_opt:(s + 1) * n_opt] for lr in group_lrs]
         np.testing.assert_allclose(lrs, want[s], rtol=1e-9, atol=1e-12, err_msg=f'step {s}')
-    assert want[warmup - 1] == pytest.approx(peak) and (want[-1] == 0) == (schedule == 'wsd')
+    assert want[0] == pytest.approx(peak * warmup_start) and want[warmup] == pytest.approx(peak)
+    assert (want[-1] == 0) == (schedule == 'wsd')
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_probe_lr_applied_at_each_step_follows_the_schedule(tmp_path, monkeypatch):
+    """probe.py's per-probe lr at each step: LinearLR from warmup_start, then cosine, per step."""
+    import probe
+    applied = []
+    step = probe.ProbeOptimizer.step
+    monkeypatch.setattr(probe.ProbeOptimizer, 'step', lambda self, lr: applied.append(lr.clone()) or step(self, lr))
+    lrs = (1e-3, 1e-2)
+    probe.main(['--ckpt=', '--data_dir=synthetic', '--img_size=32', '--patch_size=8', '--enc_dim=64', '--enc_depth=1',
+                '--enc_heads=2', '--synthetic_size=(64,16)', '--batch_size=16', '--epochs=3', '--warmup_epochs=1',
+                '--compile=False', '--num_workers=0', '--device=cpu', f'--lrs={lrs}', '--wds=(0.0,)',
+                f'--out_dir={tmp_path}'])
+    total, warmup = 3 * 64 // 16, 64 // 16
+    assert len(applied) == total
+    for i, peak in enumerate(lrs):
+        want = torch_schedule(total, warmup, peak, 'cosine', 0.0, 1 / 3)
+        np.testing.assert_allclose([float(lr[i]) for lr in applied], want, rtol=1e-6, atol=1e-12)
 
 
 # --- LAMB ---------------------------------------------------------------------

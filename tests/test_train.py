@@ -168,18 +168,18 @@ def test_param_split_follows_the_rule():
 
 @pytest.mark.parametrize('schedule', ['cosine', 'wsd', 'rsqrt'])
 def test_schedules(schedule):
-    f = [T.lr_factor(s, 100, 10, schedule, 0.2) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup ends at the peak
+    f = [T.lr_factor(s, 100, 10, schedule, 0.2, 0.25) for s in range(100)]
+    assert f[0] == 0.25 and f[5] == pytest.approx(0.625) and f[10] == 1.0  # linear warmup from 1/4 to the peak
     assert f[-1] < 1e-3 and all(0 <= x <= 1 for x in f)
-    assert all(b <= a + 1e-12 for a, b in zip(f[9:], f[10:]))  # never rises after warmup
+    assert all(b <= a + 1e-12 for a, b in zip(f[10:], f[11:]))  # never rises after warmup
     if schedule == 'cosine':
         assert f[10 + 45] == pytest.approx(0.5, abs=0.02)
     if schedule == 'wsd':
         assert f[10:80] == [1.0] * 70 and f[90] == pytest.approx(9 / 19)
     if schedule == 'rsqrt':
-        assert f[39] == pytest.approx(math.sqrt(10 / 40)) and f[79] == pytest.approx(math.sqrt(10 / 80))
+        assert f[40] == pytest.approx(math.sqrt(10 / 40)) and f[79] == pytest.approx(math.sqrt(10 / 79))
         # before the cooldown the schedule does not depend on the run's length: cool down from any checkpoint
-        assert [T.lr_factor(s, 1000, 10, schedule, 0.2) for s in range(80)] == f[:80]
+        assert [T.lr_factor(s, 1000, 10, schedule, 0.2, 0.25) for s in range(80)] == f[:80]
 
 
 def test_lamb_step_matches_a_direct_computation():
