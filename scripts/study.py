@@ -1,0 +1,416 @@
+"""The small-scale study, run as optimizer comparisons must be (Wen et al. 2025,
+"Fantastic Pretraining Optimizers and Where to Find Them"): every optimizer at
+its own tuned peak lr, compared at the end of training, at two run lengths; the
+architecture rows at Muon's tuned lr; 3 seeds; probes against a random encoder.
+
+    python scripts/study.py sweep     # 1. peak-lr sweep of each optimizer at the short length, widened until the best is inside
+    python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best
+    python scripts/study.py tables    # 3. the blog's rows, the probe experiment, the papers' flags: 3 seeds, probed
+    python scripts/study.py report    # tables and plots of what has finished -> results/study/
+
+Every run is `train_mae.py CONFIG --optimizer=.. --lr=.. --max_iters=.. --seed=..`
+plus a row's flags, on one core. When it finishes, its summary (val-loss curve,
+wall time, later its probe results) goes to results/study/runs/<run>.json, and a
+run with a summary is never run again: stop a phase at any time and run it again
+to go on; an interrupted run resumes from its checkpoint in out/study/<run>/. Two
+processes may work on one phase at once (a run in progress is locked). To test
+an idea, fork: change config/study.py or the rows below, pass --results and --out,
+and run the same four commands.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIMIZERS = ('adamw', 'muon', 'lamb', 'adafactor')
+LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the first sweep, a factor of 2 apart; widened by 2x at an edge
+SEEDS = (0, 1, 2)
+PROBE = ('config/probe_quickstart.py',)  # the probe budget that separates encoders on the built-in data
+
+
+class Row(NamedTuple):
+    name: str
+    optimizer: str  # the row runs at this optimizer's tuned lr
+    flags: tuple = ()  # train_mae.py flags on top of config, optimizer and lr
+    probe: tuple = ()  # probe.py flags on top of PROBE
+    blog: str = ''  # the blog's ViT-S/16 ImageNet figure, for reference
+
+
+TABLES = {  # the first row of each table is its baseline
+    'blog': [Row('AdamW, bias, GELU, LN', 'adamw', blog='0.34891'),
+             Row('Muon, no bias, GELU, LN', 'muon', ('--bias=False',), blog='0.34579'),
+             Row('Muon, bias, GELU, LN', 'muon', blog='0.34571'),
+             Row('Muon, no bias, SwiGLU, RMSNorm', 'muon', ('--bias=False', '--swiglu=True', '--norm=rmsnorm'),
+                 blog='0.34497'),
+             Row('Muon, bias, SwiGLU, RMSNorm', 'muon', ('--swiglu=True', '--norm=rmsnorm'), blog='0.34494'),
+             Row('Muon, bias, SwiGLU, LN', 'muon', ('--swiglu=True',), blog='0.34484')],
+    'probe_optimizer': [Row('AdamW probe', 'muon', ('--swiglu=True',), blog='top-1 0.554'),
+                        Row('Muon probe', 'muon', ('--swiglu=True',), ('--probe_optimizer=muon',), blog='top-1 0.567')],
+    'papers': [Row('Muon', 'muon'),
+               Row('conv stem', 'muon', ('--stem=conv',)),
+               Row('conv stem, convs on Muon', 'muon', ('--stem=conv', '--muon_conv=True')),
+               Row('LAMB', 'lamb'),
+               Row('Adafactor', 'adafactor'),
+               Row('wsd schedule', 'muon', ('--schedule=wsd',)),
+               Row('rsqrt schedule', 'muon', ('--schedule=rsqrt',)),
+               Row('bf16 Muon momentum', 'muon', ('--state_dtype=bfloat16',))],
+}
+
+
+class Run(NamedTuple):
+    optimizer: str
+    lr: float
+    iters: int
+    seed: int = 0
+    flags: tuple = ()
+
+    @property
+    def name(self):
+        extra = ''.join('_' + re.sub(r'[^\w.]+', '-', f.lstrip('-')) for f in sorted(self.flags))
+        return f"{self.optimizer}_lr{self.lr:g}_len{self.iters}{extra}_seed{self.seed}"
+
+    def argv(self, config):
+        return [config, f'--optimizer={self.optimizer}', f'--lr={self.lr!r}', f'--max_iters={self.iters}',
+                f'--seed={self.seed}', *self.flags]
+
+
+# -----------------------------------------------------------------------------
+# running: a run is done when its summary exists
+
+def summary_path(a, run):
+    return os.path.join(a.results, 'runs', run.name + '.json')
+
+
+def load(a, run):
+    path = summary_path(a, run)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(a, run, summary):
+    path = summary_path(a, run)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def execute(a, script, args):
+    """Run a script of the repository on one core; returns its wall time in seconds."""
+    cmd = [sys.executable, script, *args]
+    print('$', shlex.join(cmd), flush=True)
+    if a.dry_run:
+        return 0.0
+    t0 = time.time()
+    if subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}).returncode:
+        sys.exit(f"error: failed: {shlex.join(cmd)}")
+    return time.time() - t0
+
+
+def locked(a, run):
+    """Take run's lock (a file holding our pid); False if a live process holds it."""
+    path = os.path.join(a.out, run.name + '.lock')
+    os.makedirs(a.out, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(open(path).read() or 0), 0)
+            return False  # another study process is on it
+        except (ProcessLookupError, ValueError):
+            os.remove(path)  # its process died: take over
+            return locked(a, run)
+    with os.fdopen(fd, 'w') as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def unlock(a, run):
+    os.remove(os.path.join(a.out, run.name + '.lock'))
+
+
+def train(a, run):
+    """Train run unless it has a summary; returns the summary (None if another process has it)."""
+    summary = load(a, run)
+    if summary is not None:
+        return summary
+    if a.dry_run:
+        execute(a, 'train_mae.py', run.argv(a.config))
+        return None
+    if not locked(a, run):
+        print(f"in progress elsewhere: {run.name}")
+        return None
+    try:
+        out_dir = os.path.join(a.out, run.name)
+        spent_path = os.path.join(out_dir, 'spent_s.json')  # wall time of earlier, interrupted attempts
+        resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+        spent = json.load(open(spent_path)) if resume and os.path.exists(spent_path) else 0.0
+        os.makedirs(out_dir, exist_ok=True)
+        with open(spent_path, 'w') as f:  # if this attempt dies, its time is not counted: the log says when
+            json.dump(spent, f)
+        seconds = execute(a, 'train_mae.py', run.argv(a.config) + [f'--out_dir={out_dir}'] +
+                          (['--init_from=resume'] if resume else []) + a.train_args)
+        with open(os.path.join(out_dir, 'log.jsonl')) as f:
+            curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r}
+        summary = dict(run._asdict(), name=run.name, config=os.path.relpath(a.config, ROOT),
+                       curve=curve, final_val=curve[max(curve)], train_s=spent + seconds, probes={})
+        save(a, run, summary)
+        return summary
+    finally:
+        unlock(a, run)
+
+
+def probe(a, run, flags=(), random_encoder=False):
+    """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)
+    with PROBE + flags, unless done; the best top-1 per head goes into the summary."""
+    key = '_'.join(['random'] * random_encoder + [f.lstrip('-') for f in flags]) or 'default'
+    summary = load(a, run)
+    if summary is None or key in summary['probes'] or not locked(a, run):
+        return
+    try:
+        out_dir = os.path.join(a.out, run.name, 'probe_' + key)
+        seconds = execute(a, 'probe.py', [*PROBE, f'--ckpt={os.path.join(a.out, run.name, "ckpt.pt")}',
+                                          f'--out_dir={out_dir}', f'--seed={run.seed}',
+                                          f'--random_encoder={random_encoder}', *flags, *a.probe_args])
+        if a.dry_run:
+            return
+        with open(os.path.join(out_dir, 'probe_results.json')) as f:
+            results = json.load(f)
+        best = {head: max(r['top1'] for r in results['results'] if r['head'] == head)
+                for head in {r['head'] for r in results['results']}}
+        summary['probes'][key] = dict(best, warning=results.get('warning', ''), probe_s=seconds)
+        save(a, run, summary)
+    finally:
+        unlock(a, run)
+
+
+# -----------------------------------------------------------------------------
+# the phases
+
+def sweep_runs(a, optimizer, iters):
+    """The finished seed-0 runs of optimizer at length iters without other flags: {lr: summary}."""
+    runs = {}
+    folder = os.path.join(a.results, 'runs')
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            s = json.load(f)
+        if (s['optimizer'], s['iters'], s['seed'], tuple(s['flags'])) == (optimizer, iters, 0, ()):
+            runs[s['lr']] = s
+    return runs
+
+
+def best_lr(a, optimizer, iters):
+    runs = sweep_runs(a, optimizer, iters)
+    if not runs:
+        sys.exit(f"error: no finished {optimizer} runs of length {iters}: run the sweep phase first")
+    return min(runs, key=lambda lr: runs[lr]['final_val'])
+
+
+def sweep(a):
+    """Each optimizer's peak lr at the short length, seed 0: the grid LRS, then one
+    more lr 2x beyond the edge while the best lies on it, so the best ends inside."""
+    for optimizer in a.optimizers:
+        lrs = sorted(set(a.lrs) | set(sweep_runs(a, optimizer, a.length)))
+        while True:
+            for lr in lrs:
+                train(a, Run(optimizer, lr, a.length))
+            done = sweep_runs(a, optimizer, a.length)
+            if a.dry_run or set(lrs) - set(done):
+                break  # other processes are still on some
+            best = min(done, key=lambda lr: done[lr]['final_val'])
+            if best == min(lrs) and best / 2 >= 1e-6:
+                lrs.insert(0, best / 2)
+            elif best == max(lrs) and best * 2 <= 1.0:
+                lrs.append(best * 2)
+            else:
+                print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {a.length} steps")
+                break
+
+
+def lengths(a):
+    """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
+    interpolation), each at 3 lrs: half, at and twice its best at the short length."""
+    for optimizer, factors in (('adamw', (4, 2)), ('muon', (4,))):
+        best = best_lr(a, optimizer, a.length)
+        for f in factors:
+            for lr in (best / 2, best, best * 2):
+                train(a, Run(optimizer, lr, f * a.length))
+
+
+def table_runs(a, row, seed):
+    return Run(row.optimizer, best_lr(a, row.optimizer, a.length), a.length, seed, row.flags)
+
+
+def tables(a):
+    """Each table's rows at 3 seeds, each probed; a random encoder per seed (the Muon
+    run's architecture, fresh weights) as the probes' floor. Seed 0 of a row
+    without flags is its sweep's best run."""
+    for name in a.tables:
+        for seed in a.seeds:
+            for row in TABLES[name]:
+                run = table_runs(a, row, seed)
+                train(a, run)
+                probe(a, run, row.probe)
+            if name != 'probe_optimizer':
+                probe(a, table_runs(a, TABLES['papers'][0], seed), random_encoder=True)
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+def mean_sd(xs):
+    return (float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan, len(xs))
+
+
+def fmt(m, digits):
+    return '–' if m is None else f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if m[2] > 1 else '') + f" ({m[2]})"
+
+
+def resolution(sds, n):
+    """The smallest difference of two rows' means that 2 standard errors resolve,
+    with the table's pooled seed SD: 2 * sqrt(2 / n) * sd."""
+    sds = [s for s in sds if not math.isnan(s)]
+    return 2 * math.sqrt(2 / n) * math.sqrt(np.mean(np.square(sds))) if sds else math.nan
+
+
+def delta(m, base, digits):
+    """m - base, marked * where it exceeds 2 * sqrt(s1²/n1 + s2²/n2)."""
+    noise = 2 * math.sqrt(m[1] ** 2 / m[2] + base[1] ** 2 / base[2])  # nan (no mark) with one seed
+    return f"{m[0] - base[0]:+.{digits}f}" + (' *' if abs(m[0] - base[0]) > noise else '')
+
+
+def report_table(a, name):
+    rows, lines = TABLES[name], []
+    stats = []
+    for row in rows:
+        runs = [load(a, table_runs(a, row, seed)) for seed in a.seeds]
+        runs = [r for r in runs if r is not None]
+        key = '_'.join(f.lstrip('-') for f in row.probe) or 'default'
+        probes = [r['probes'][key] for r in runs if key in r['probes']]
+        stats.append(dict(row=row, runs=runs, val=mean_sd([r['final_val'] for r in runs]) if runs else None,
+                          **{head: mean_sd([p[head] for p in probes]) if probes else None
+                             for head in ('attentive', 'linear')},
+                          edge=sum(bool(p['warning']) for p in probes)))
+    if name != 'probe_optimizer':  # the floor: a random encoder of the Muon row's architecture
+        runs = [load(a, table_runs(a, TABLES['papers'][0], s)) for s in a.seeds]
+        probes = [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
+        stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], val=None, edge=0, **{
+            head: mean_sd([p[head] for p in probes]) if probes else None for head in ('attentive', 'linear')}))
+    base = stats[0]
+    lines += ['| row | optimizer, lr | final val loss | Δ | attentive top-1 | Δ | linear top-1 | Δ | blog |',
+              '|' + '---|' * 9]
+    for i, s in enumerate(stats):
+        row = s['row']
+        lr = f"{row.optimizer} {best_lr(a, row.optimizer, a.length):g}" if s['runs'] else '–'
+        cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''), lr]
+        for key, digits in (('val', 5), ('attentive', 3), ('linear', 3)):
+            cells += [fmt(s[key], digits), 'baseline' if i == 0 else '–' if s[key] is None or base[key] is None
+                      else delta(s[key], base[key], digits)]
+        lines.append('| ' + ' | '.join(cells + [row.blog or '–']) + ' |')
+    n = len(a.seeds)
+    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key in ('val', 'attentive', 'linear')}
+    lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row; "
+              f"* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2). With {n} seeds and this table's pooled seed SD, the smallest "
+              f"difference of two rows it resolves (2·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
+              f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
+              f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
+              f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders."]
+    return '\n'.join(lines), stats
+
+
+def report(a):
+    os.makedirs(a.results, exist_ok=True)
+    parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
+             f"steps; probes `{' '.join(PROBE + tuple(a.probe_args))}`. Made by `python scripts/study.py report`.", '']
+    sweeps = {}
+    parts += ['## 1. Peak-lr sweeps (seed 0, final val loss)', '']
+    for iters in (a.length, 2 * a.length, 4 * a.length):
+        for optimizer in OPTIMIZERS:
+            runs = sweep_runs(a, optimizer, iters)
+            if runs:
+                sweeps[optimizer, iters] = runs
+                best = min(runs, key=lambda lr: runs[lr]['final_val'])
+                cells = [f"{'**' if lr == best else ''}{lr:g}: {runs[lr]['final_val']:.4f}{'**' if lr == best else ''}"
+                         for lr in sorted(runs)]
+                inside = 'inside' if min(runs) < best < max(runs) else 'ON THE EDGE'
+                minutes = sum(r['train_s'] for r in runs.values()) / 60
+                parts.append(f"- {optimizer}, {iters} steps: {', '.join(cells)} (best {inside}; {minutes:.0f} min)")
+    parts.append('')
+    for name in a.tables:
+        text, _ = report_table(a, name)
+        parts += [f"## {name}", '', text, '']
+    with open(os.path.join(a.results, 'study.md'), 'w') as f:
+        f.write('\n'.join(parts) + '\n')
+    print('\n'.join(parts))
+    plots(a, sweeps)
+
+
+def plots(a, sweeps):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"plots skipped: matplotlib is not importable ({e})")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (optimizer, iters), runs in sorted(sweeps.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lrs = sorted(runs)
+        ax.plot(lrs, [runs[lr]['final_val'] for lr in lrs], 'o-' if iters == a.length else 's--',
+                label=f"{optimizer}, {iters} steps")
+    ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss', title='lr sensitivity (seed 0)')
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(a.results, 'lr_sensitivity.png'), dpi=120, bbox_inches='tight')
+    for name in a.tables:
+        _, stats = report_table(a, name)
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for s in stats:
+            if not s['runs']:
+                continue
+            steps = sorted(set.intersection(*(set(map(int, r['curve'])) for r in s['runs'])))
+            v = np.array([[r['curve'][str(k)] for k in steps] for r in s['runs']])
+            line, = ax.plot(steps, v.mean(0), label=s['row'].name)
+            ax.fill_between(steps, v.min(0), v.max(0), color=line.get_color(), alpha=0.2, lw=0)
+        ax.set(xlabel='optimizer step', ylabel='val loss', yscale='log', title=f"{name}: mean over seeds, band min-max")
+        ax.legend(fontsize=8)
+        fig.savefig(os.path.join(a.results, f'{name}_val_loss.png'), dpi=120, bbox_inches='tight')
+
+
+def main(argv):
+    argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
+    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report'))
+    p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
+    p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
+    p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
+    p.add_argument('--optimizers', default=','.join(OPTIMIZERS))
+    p.add_argument('--tables', default=','.join(TABLES))
+    p.add_argument('--seeds', type=int, default=len(SEEDS))
+    p.add_argument('--probe_args', default='', help='extra probe.py flags (after config/probe_quickstart.py)')
+    p.add_argument('--results', default=os.path.join(ROOT, 'results', 'study'), help='summaries, tables, plots')
+    p.add_argument('--out', default=os.path.join(ROOT, 'out', 'study'), help='checkpoints and logs of the runs')
+    p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
+    a = p.parse_args(argv)
+    a.config, a.results, a.out = map(os.path.abspath, (a.config, a.results, a.out))
+    a.lrs = [float(x) for x in a.lrs.split(',')]
+    a.optimizers, a.tables = a.optimizers.split(','), a.tables.split(',')
+    a.seeds, a.train_args, a.probe_args = range(a.seeds), train_args, shlex.split(a.probe_args)
+    for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
+        if set(value) - set(allowed):
+            sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report)[a.phase](a)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
