@@ -68,7 +68,8 @@ class Adafactor(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                g = p.grad.float().view(p.size(0), -1) if p.ndim >= 2 else p.grad.float()
+                g = p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))  # bf16 grads in fp32
+                g = g.view(p.size(0), -1) if p.ndim >= 2 else g
                 factored = group['factored'] and p.ndim >= 2
                 if not state:
                     state['step'] = 0

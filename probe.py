@@ -121,7 +121,7 @@ class LinearProbes(nn.Module):
         self.head_b = nn.Parameter(torch.zeros(num_probes, num_classes))
 
     def forward(self, x):  # x [N, L, D] -> logits [P, N, classes]
-        feats = self.bn(x.mean(dim=1).float())  # [N, D]
+        feats = self.bn(x.mean(dim=1).to(self.bn.running_mean.dtype))  # [N, D], in the BatchNorm's fp32 under autocast
         return torch.einsum('nd,pcd->pnc', feats, self.head_w) + self.head_b[:, None]
 
 

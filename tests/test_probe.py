@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import muon
 import probe
 import train_mae
 from conftest import TINY, run
@@ -47,25 +48,28 @@ def reference_logits(params, x):
 @pytest.mark.parametrize('dim', [128, 100])  # 2 heads; 1 head of 64 on a width that is no multiple of 64
 def test_stacked_forward_is_multihead_cross_attention(dim):
     torch.manual_seed(0)
-    probes = probe.AttentiveProbes(3, dim, 10)
+    probes = probe.AttentiveProbes(3, dim, 10).double()  # float64: the two orders of summation agree to ~1e-15
     with torch.no_grad():  # probes that differ, and a query that does not attend uniformly
         for p in probes.parameters():
             p.add_(torch.randn_like(p))
-    x = torch.randn(5, 7, dim)
+    x = torch.randn(5, 7, dim, dtype=torch.float64)
     logits = probes(x)
     assert logits.shape == (3, 5, 10)
     for i in range(3):
         ref = reference_logits({name: p[i] for name, p in probes.named_parameters()}, x)
-        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[i], ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize('update,shape', [(probe.adamw_update, (3, 6, 5)), (probe.adamw_update, (3, 5)),
                                           (probe.muon_update, (3, 6, 5)), (probe.muon_update, (3, 5, 7))])
-def test_stacked_updates_are_adamw_and_muon_per_setting(update, shape):
+def test_stacked_updates_are_adamw_and_muon_per_setting(update, shape, monkeypatch):
     """Each probe's slice of a stacked update == torch.optim.AdamW (muon.Muon) with that probe's lr and wd."""
-    lr, wd = torch.tensor([1e-3, 1e-2, 3e-2]), torch.tensor([0.0, 0.1, 1.0])
+    # float64, so the stacked and the per-setting arithmetic agree to ~1e-15, whatever the CPU. Muon's
+    # Newton-Schulz runs in fp32 on both sides (in bf16 the two memory layouts round apart by ~1e-2)
+    monkeypatch.setattr(muon, 'ns_dtype', lambda device: torch.float32)
+    lr, wd = torch.tensor([1e-3, 1e-2, 3e-2], dtype=torch.float64), torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)
     torch.manual_seed(0)
-    stacked = torch.randn(shape, requires_grad=True)
+    stacked = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     refs = [stacked[i].detach().clone().requires_grad_() for i in range(3)]
     if update is probe.adamw_update:
         opts = [torch.optim.AdamW([r], lr=lr[i].item(), weight_decay=wd[i].item()) for i, r in enumerate(refs)]
@@ -74,7 +78,7 @@ def test_stacked_updates_are_adamw_and_muon_per_setting(update, shape):
                 for i, r in enumerate(refs)]
     state = {}
     for step in range(4):
-        grad, f = torch.randn(shape), 1 / (step + 1)  # a decaying schedule
+        grad, f = torch.randn(shape, dtype=torch.float64), 1 / (step + 1)  # a decaying schedule
         stacked.grad = grad
         with torch.no_grad():
             update(stacked, state, lr * f, wd)
@@ -82,8 +86,12 @@ def test_stacked_updates_are_adamw_and_muon_per_setting(update, shape):
             r.grad = grad[i].clone()
             opt.param_groups[0]['lr'] = lr[i].item() * f
             opt.step()
+    # AdamW: float64 rounding. Muon: fp32 Newton-Schulz of matrices laid out differently, its
+    # relative error well under 1e-6, times the sum of the steps' lr x Muon's shape scale
+    scale = muon.adjusted_lr(1.0, 'match_rms_adamw', shape[1:]) if len(shape) == 3 else 1.0
+    tol = 1e-12 if update is probe.adamw_update else 1e-6 * lr.max().item() * scale * sum(1 / (s + 1) for s in range(4))
     for i, r in enumerate(refs):
-        torch.testing.assert_close(stacked[i], r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stacked[i], r, rtol=0, atol=tol)
     assert (stacked[0] - stacked[2]).abs().max() > 0.01  # the settings differ
 
 
@@ -92,24 +100,28 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
     """The whole grid trained at once == each setting alone: a textbook 2D probe
     with torch.optim.AdamW, its lr schedule and weight decays, on the same batches.
     (With Muon, a probe's key and value gradients have low rank and Newton-Schulz
-    amplifies rounding in the missing directions: it is checked update by update above.)"""
-    lrs, wds, dim, steps, warmup, tol = (1e-3, 1e-2), (0.0, 1.0), 128, 8, 2, 2e-5
+    amplifies rounding in the missing directions: it is checked update by update above.)
+    In float64: Adam divides by sqrt(v), so an element whose gradients are near 0
+    amplifies the two sides' different summation orders (in fp32 by ~2e-4 relative
+    here, which no tolerance of fp32 rounding covers on every CPU); float64's 1e-16,
+    amplified as much, stays far below 1e-10."""
+    lrs, wds, dim, steps, warmup, tol = (1e-3, 1e-2), (0.0, 1.0), 128, 8, 2, 1e-10
     grid = [(lr, wd) for lr in lrs for wd in wds]
     torch.manual_seed(0)
-    batches = [(torch.randn(16, 9, dim), torch.randint(0, 10, (16,))) for _ in range(steps)]
+    batches = [(torch.randn(16, 9, dim, dtype=torch.float64), torch.randint(0, 10, (16,))) for _ in range(steps)]
     schedule = [train_mae.lr_factor(s, steps, warmup, 'cosine', 0.0, 1 / 3) for s in range(steps)]
 
-    probes = probe.AttentiveProbes(len(grid), dim, 10, seed=1)
-    decay = torch.tensor([wd for _, wd in grid])
+    probes = probe.AttentiveProbes(len(grid), dim, 10, seed=1).double()
+    decay = torch.tensor([wd for _, wd in grid], dtype=torch.float64)
     head_decay = decay if head_wd is None else torch.full_like(decay, head_wd)
     opt = probe.ProbeOptimizer(probes, decay, head_decay, 'adamw')
     for (x, y), f in zip(batches, schedule):
         losses = F.cross_entropy(probes(x).flatten(0, 1), y.repeat(len(grid)), reduction='none').view(len(grid), -1)
         losses.mean(1).sum().backward()
-        opt.step(torch.tensor([lr for lr, _ in grid]) * f)
+        opt.step(torch.tensor([lr for lr, _ in grid], dtype=torch.float64) * f)
         probes.zero_grad()
 
-    init = probe.AttentiveProbes(1, dim, 10, seed=1)
+    init = probe.AttentiveProbes(1, dim, 10, seed=1).double()
     for i, (lr, wd) in enumerate(grid):
         ref = {name: p[0].detach().clone().requires_grad_() for name, p in init.named_parameters()}
         ref_opt = torch.optim.AdamW([dict(params=[ref['bv'], ref['head_b']], weight_decay=0.0),
@@ -126,7 +138,38 @@ def test_sweep_trains_each_setting_exactly_as_alone(head_wd):
             torch.testing.assert_close(p[i], ref[name].detach(), rtol=tol, atol=tol,
                                        msg=lambda m: f"lr={lr} wd={wd} {name}: {m}")
     for i in range(1, len(grid)):  # and the settings really moved the probes apart
-        assert (probes.wkv[0] - probes.wkv[i]).abs().max() > 10 * tol
+        assert (probes.wkv[0] - probes.wkv[i]).abs().max() > 1e-4
+
+
+def test_linear_probe_normalisation_is_mae_s_batchnorm_without_affine():
+    """MAE's linear probe (He et al. 2022, appendix A.2; its code: BatchNorm1d(affine=False,
+    eps=1e-6) before the Linear), on the mean of the patch tokens, written here from
+    the definitions: in training each feature is standardised with the batch's mean
+    and biased variance plus 1e-6; in evaluation with running statistics that move
+    0.1 of the way to each batch's mean and unbiased variance; nothing is learned but
+    the Linear. Float64, on features whose variance (~1e-6) makes eps matter."""
+    P, D, C, f64 = 2, 8, 5, dict(dtype=torch.float64)
+    torch.manual_seed(0)
+    probes = probe.LinearProbes(P, D, C).double()
+    assert {name for name, _ in probes.named_parameters()} == {'head_w', 'head_b'}
+    with torch.no_grad():
+        probes.head_w.copy_(torch.randn(P, C, D, **f64))
+        probes.head_b.copy_(torch.randn(P, C, **f64))
+    logits_of = lambda f: torch.einsum('nd,pcd->pnc', f, probes.head_w) + probes.head_b[:, None]
+    running_mean, running_var = torch.zeros(D, **f64), torch.ones(D, **f64)
+    for step in range(3):
+        x = torch.randn(16, 9, D, **f64) * 3e-3 * (step + 1) + 5  # [N, L, D] tokens
+        f = x.mean(1)
+        mean, var = f.mean(0), f.var(0, unbiased=False)
+        with torch.no_grad():
+            torch.testing.assert_close(probes(x), logits_of((f - mean) / (var + 1e-6).sqrt()), rtol=1e-10, atol=1e-10)
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * f.var(0, unbiased=True)
+    probes.eval()
+    x = torch.randn(4, 9, D, **f64) * 3e-3 + 5
+    with torch.no_grad():
+        want = logits_of((x.mean(1) - running_mean) / (running_var + 1e-6).sqrt())
+        torch.testing.assert_close(probes(x), want, rtol=1e-10, atol=1e-10)
 
 
 def test_linear_probes_are_mae_s_protocol_and_train_each_setting_as_alone():
@@ -136,18 +179,19 @@ def test_linear_probes_are_mae_s_protocol_and_train_each_setting_as_alone():
     lrs, wds, dim, steps = (1e-3, 1e-2), (0.0, 1.0), 32, 6
     grid = [(lr, wd) for lr in lrs for wd in wds]
     torch.manual_seed(0)
-    batches = [(torch.randn(16, 9, dim) * 3 + 1, torch.randint(0, 10, (16,))) for _ in range(steps)]
-    probes = probe.LinearProbes(len(grid), dim, 10, seed=1)
-    decay = torch.tensor([wd for _, wd in grid])
+    f64 = dict(dtype=torch.float64)  # as above: Adam amplifies rounding, so float64 and a tolerance of 1e-10
+    batches = [(torch.randn(16, 9, dim, **f64) * 3 + 1, torch.randint(0, 10, (16,))) for _ in range(steps)]
+    probes = probe.LinearProbes(len(grid), dim, 10, seed=1).double()
+    decay = torch.tensor([wd for _, wd in grid], **f64)
     opt = probe.ProbeOptimizer(probes, decay, decay, 'adamw')
     for x, y in batches:
         F.cross_entropy(probes(x).flatten(0, 1), y.repeat(len(grid)), reduction='none').view(len(grid), -1).mean(1).sum().backward()
-        opt.step(torch.tensor([lr for lr, _ in grid]))
+        opt.step(torch.tensor([lr for lr, _ in grid], **f64))
         probes.zero_grad()
-    init = probe.LinearProbes(1, dim, 10, seed=1)
-    x_val = torch.randn(5, 9, dim)
+    init = probe.LinearProbes(1, dim, 10, seed=1).double()
+    x_val = torch.randn(5, 9, dim, **f64)
     for i, (lr, wd) in enumerate(grid):
-        ref = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), torch.nn.Linear(dim, 10))
+        ref = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), torch.nn.Linear(dim, 10)).double()
         with torch.no_grad():
             ref[1].weight.copy_(init.head_w[0])
             ref[1].bias.zero_()
@@ -157,9 +201,9 @@ def test_linear_probes_are_mae_s_protocol_and_train_each_setting_as_alone():
             F.cross_entropy(ref(x.mean(1)), y).backward()
             ref_opt.step()
             ref_opt.zero_grad()
-        torch.testing.assert_close(probes.head_w[i], ref[1].weight.detach(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(probes.head_w[i], ref[1].weight.detach(), rtol=1e-10, atol=1e-10)
         probes.eval(), ref.eval()
-        torch.testing.assert_close(probes(x_val)[i], ref(x_val.mean(1)), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(probes(x_val)[i], ref(x_val.mean(1)), rtol=1e-10, atol=1e-10)
         probes.train()
 
 

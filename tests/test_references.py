@@ -249,6 +249,58 @@ def test_train_crops_of_the_dataset_have_the_configured_area_aspect_and_flips(tm
     assert abs(flipped.mean() - 0.5) < 0.06
 
 
+def test_each_image_of_a_batch_draws_its_own_crop_flip_and_mask(tmp_path):
+    """48 copies of one image: each index of an epoch gets its own box, flip and
+    mask noise, each epoch new ones, and the same (epoch, index) the same again,
+    through DataLoader workers as in the main process."""
+    W, H, n = 64, 48, 48
+    root = tmp_path / 'copies'
+    for split in ('train', 'val'):
+        os.makedirs(root / split / 'a')
+    gradient_image(W, H, 4, 5).save(root / 'train' / 'a' / '00.png')
+    for i in range(1, n):
+        os.link(root / 'train' / 'a' / '00.png', root / 'train' / 'a' / f'{i:02d}.png')
+        os.link(root / 'train' / 'a' / '00.png', root / 'val' / 'a' / f'{i:02d}.png')
+    os.link(root / 'train' / 'a' / '00.png', root / 'val' / 'a' / '00.png')
+    train, val = T.build_datasets(cfg(f'--data_dir={root}', '--img_size=32', '--crop_scale=(0.25,0.5)'), 16)
+    for epoch in (0, 1):
+        samples = [train[(epoch, i)] for i in range(n)]
+        boxes = [box_of(s.imgs.numpy().astype(float), 4, 5) for s in samples]
+        # boxes are whole pixels of a 64 x 48 image: two may coincide by chance, not most
+        assert len({tuple(np.round(b[:4]).astype(int)) for b in boxes}) >= 0.9 * n
+        flips = sum(b[4] for b in boxes)
+        assert 0.2 * n < flips < 0.8 * n  # binomial(48, 1/2): outside with probability < 1e-4
+        noise = torch.stack([s.noise for s in samples])
+        assert len({tuple(row.tolist()) for row in noise}) == n
+        ids_masked = noise.argsort(1)[:, T.num_visible(16, 0.6):]  # as random_masking
+        assert len({tuple(sorted(row.tolist())) for row in ids_masked}) > n // 2  # C(16, 10) = 8008 masks
+    assert not torch.equal(train[(0, 5)].noise, train[(1, 5)].noise)  # a new epoch, a new mask
+    assert torch.equal(train[(0, 5)].imgs, train[(0, 5)].imgs) and torch.equal(train[(0, 5)].noise, train[(0, 5)].noise)
+    # val: the same centre crop of every copy, each with its own fixed mask
+    v = [val[(0, i)] for i in range(n)]
+    assert all(torch.equal(s.imgs, v[0].imgs) for s in v)
+    assert len({tuple(s.noise.tolist()) for s in v}) == n
+    # workers draw what the main process draws: the randomness is (seed, epoch, index), not a process's state
+    batches = T.TrainBatches(n, 16, 8, 0, 1, 0, 0, 6)
+    here = [torch.utils.data.default_collate([train[k] for k in b]) for b in batches]
+    there = list(T.make_loader(train, batches, num_workers=2, pin=False))
+    assert len(here) == len(there) == 12
+    for a, b in zip(here, there):
+        assert torch.equal(a.imgs, b.imgs) and torch.equal(a.noise, b.noise)
+
+
+def test_masks_cover_every_patch_alike():
+    """Over many images, each patch is masked with probability mask_ratio: no position
+    is favoured (4 binomial standard deviations over 1,000 images)."""
+    train, _ = T.build_datasets(cfg('--synthetic_size=(1000,8)'), 16)
+    noise = torch.stack([train.__getitem__((0, i)).noise for i in range(1000)])
+    keep = T.num_visible(16, 0.6)
+    masked = torch.zeros(1000, 16).scatter(1, noise.argsort(1)[:, keep:], 1.0)
+    assert (masked.sum(1) == 16 - keep).all()
+    p = (16 - keep) / 16
+    assert (masked.mean(0) - p).abs().max() < 4 * math.sqrt(p * (1 - p) / 1000)
+
+
 def reference_train_crop(img, S, L, seed, epoch, i, scale):
     """torchvision's RandomResizedCrop and a horizontal flip, from the rng of (seed, train, epoch, index)
     after the mask noise: (crop as an array, noise)."""
