@@ -35,7 +35,7 @@ class Lamb(torch.optim.Optimizer):
                 m, v = state['exp_avg'], state['exp_avg_sq']
                 m.lerp_(p.grad.to(m.dtype), 1 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat = m.float() / (1 - beta1 ** state['step'])
+                m_hat = m.to(p.dtype) / (1 - beta1 ** state['step'])
                 v_hat = v / (1 - beta2 ** state['step'])
                 update = m_hat / (v_hat.sqrt() + group['eps']) + group['weight_decay'] * p
                 ratio = 1.0

@@ -317,7 +317,7 @@ class MAE(nn.Module):
         if self.norm_pix_loss:  # each patch to zero mean, unit variance (MAE's best setting)
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
-        return ((pred.float() - target) ** 2).mean()
+        return ((pred.to(target.dtype) - target) ** 2).mean()  # bf16 predictions in fp32
 
     def forward(self, imgs, noise):
         """imgs [N, 3, H, W] normalised, noise [N, L] decides the mask. Returns the

@@ -88,8 +88,8 @@ def test_bias_false_removes_linear_and_conv_biases_and_keeps_the_norms_shift(ste
 
 @pytest.mark.parametrize('norm_pix_loss', [True, False])
 def test_loss_is_the_direct_formula_on_masked_patches_only(norm_pix_loss):
-    m = model(norm_pix_loss=norm_pix_loss)
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m = model(norm_pix_loss=norm_pix_loss).double()  # float64: the formula and the model agree to ~1e-15
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16)
     loss, _, ids_masked = m(imgs, noise)
     with torch.no_grad():
         latent, ids_restore, _ = m.forward_encoder(imgs, noise)
@@ -98,9 +98,9 @@ def test_loss_is_the_direct_formula_on_masked_patches_only(norm_pix_loss):
     patches = imgs.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 4, 5, 1).reshape(2, 16, 192)
     if norm_pix_loss:
         patches = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
-    mask = torch.zeros(2, 16).scatter(1, ids_masked, 1.0)
+    mask = torch.zeros(2, 16, dtype=torch.float64).scatter(1, ids_masked, 1.0)
     direct = (((pred_all - patches) ** 2).mean(-1) * mask).sum() / mask.sum()
-    torch.testing.assert_close(loss, direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, direct, rtol=1e-12, atol=1e-12)
     # garbage predictions on visible patches do not move the direct formula: the loss ignores them
     pred_all[mask == 0] = 1e6
     torch.testing.assert_close((((pred_all - patches) ** 2).mean(-1) * mask).sum() / mask.sum(), direct)
@@ -109,13 +109,13 @@ def test_loss_is_the_direct_formula_on_masked_patches_only(norm_pix_loss):
 
 @pytest.mark.parametrize('stem', ['patch', 'conv'])
 def test_masked_pixels_do_not_reach_the_encoder(stem):
-    m = model(stem=stem)
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    m = model(stem=stem).double()  # float64: an untouched token may differ only by rounding, ~1e-15
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16)
     out, _, ids_masked = m.forward_encoder(imgs, noise)
     changed = m.unpatchify(m.patchify(imgs).scatter(1, ids_masked[..., None].expand(-1, -1, 192), 5.0))
     out2, _, _ = m.forward_encoder(changed, noise)
     assert not torch.equal(changed, imgs)
-    torch.testing.assert_close(out, out2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, out2, rtol=0, atol=1e-12)
     # ...while a visible pixel does
     visible = torch.ones(2, 16, dtype=torch.bool).scatter(1, ids_masked, False)
     n, l = visible.nonzero()[0].tolist()

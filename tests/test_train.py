@@ -184,8 +184,9 @@ def test_schedules(schedule):
 
 def test_lamb_step_matches_a_direct_computation():
     torch.manual_seed(0)
-    w, b = torch.randn(6, 4, requires_grad=True), torch.randn(4, requires_grad=True)
-    gw, gb = torch.randn(6, 4), torch.randn(4)
+    f64 = dict(dtype=torch.float64)  # so the two computations agree to float64 rounding on any CPU
+    w, b = torch.randn(6, 4, **f64, requires_grad=True), torch.randn(4, **f64, requires_grad=True)
+    gw, gb = torch.randn(6, 4, **f64), torch.randn(4, **f64)
     w0, b0 = w.detach().clone(), b.detach().clone()
     opt = Lamb([dict(params=[w], weight_decay=0.1), dict(params=[b], weight_decay=0.0, trust=False)],
                  lr=0.01, betas=(0.9, 0.99), eps=1e-6)
@@ -198,8 +199,8 @@ def test_lamb_step_matches_a_direct_computation():
         u = gw / (gw.abs() + 1e-6 * 0 + 1e-6) + 0.1 * ww
         ww = ww - 0.01 * ww.norm() / u.norm() * u
         bb = bb - 0.01 * gb / (gb.abs() + 1e-6)
-    torch.testing.assert_close(w.detach(), ww, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b.detach(), bb, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.detach(), ww, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.detach(), bb, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('optimizer', ['muon', 'lamb'])
@@ -246,7 +247,12 @@ def final_params(out_dir):
 @pytest.mark.parametrize('optimizer,tol', [('adamw', 1e-5), ('muon', 2e-3)])
 def test_two_process_torchrun_matches_one_process(tmp_path, optimizer, tol):
     # bias=False: a key bias has an exactly zero true gradient (softmax ignores shifts), and Adam
-    # would blow its float noise, which differs with the reduction order, up to full-size steps
+    # would blow its float noise, which differs with the reduction order, up to full-size steps.
+    # The tolerances: the reduction order moves each gradient by fp32 rounding (~1e-7 relative);
+    # AdamW's step then moves by as much (3 steps of lr 3e-3: ~1e-9, far under 1e-5); Muon's
+    # Newton-Schulz input may round to another bf16 value (2^-8 relative, on CPUs with native
+    # bf16), so each step moves by up to 2^-8 x lr x its shape scale (0.2 sqrt(256)): ~4e-5 a
+    # step, ~1e-4 in 3, under 2e-3. A wrong run (another batch, a missed all-reduce) is off by ~lr.
     args = TINY + ['--max_iters=3', '--eval_interval=3', f'--optimizer={optimizer}', '--lr=3e-3', '--bias=False']
     run(args + [f'--out_dir={tmp_path / "one"}', '--micro_batch_size=4'])  # accumulation 4
     run(args + [f'--out_dir={tmp_path / "two"}', '--micro_batch_size=4'], torchrun=2)  # 2 ranks x accumulation 2
