@@ -11,7 +11,6 @@ import math
 import os
 import re
 import signal
-import time
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -96,33 +95,16 @@ def coerce(key, value, default):
     return value
 
 
-CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
-               muon_adjust_lr=('original', 'match_rms_adamw'), schedule=('cosine', 'wsd', 'rsqrt'),
-               init_from=('scratch', 'resume'), dtype=('auto', 'bfloat16', 'float32'),
-               device=('auto', 'cuda', 'cpu'), state_dtype=('float32', 'bfloat16'),
-               muon_ns_dtype=('auto', 'bfloat16', 'float32'))
-
-
-def check_config(c):
-    """The train_mae.py settings that cannot work, caught before any work is done."""
-    for key, allowed in CHOICES.items():
+def check_config(c, choices):
+    """The run's settings that cannot work, caught before any work is done
+    (the model's own rules are train_mae.ModelConfig's); choices: {key: allowed values}."""
+    for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(allowed)}")
     if not c.data_dir:
         raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, or 'synthetic'")
-    if c.img_size % c.patch_size:
-        raise ConfigError(f"--img_size={c.img_size} is not divisible by --patch_size={c.patch_size}")
-    if c.stem == 'conv' and (c.patch_size < 2 or c.patch_size & (c.patch_size - 1)):
-        raise ConfigError(f"--patch_size={c.patch_size}: stem='conv' needs a power of two")
-    for dim, heads in (('enc_dim', 'enc_heads'), ('dec_dim', 'dec_heads')):
-        if getattr(c, dim) % getattr(c, heads):
-            raise ConfigError(f"--{heads}={getattr(c, heads)} does not divide --{dim}={getattr(c, dim)}")
-        if getattr(c, dim) % 4:
-            raise ConfigError(f"--{dim}={getattr(c, dim)}: the 2D sin-cos position embedding needs a multiple of 4")
-    if not 0 <= c.mask_ratio < 1:
-        raise ConfigError(f"--mask_ratio={c.mask_ratio}: must be in [0, 1)")
     L = (c.img_size // c.patch_size) ** 2
-    if not 0 < int(L * (1 - c.mask_ratio)) < L:
+    if not 0 <= c.mask_ratio < 1 or not 0 < int(L * (1 - c.mask_ratio)) < L:  # the loss needs both
         raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")
     for key in ('batch_size', 'micro_batch_size', 'eval_interval', 'log_interval'):
         if getattr(c, key) < 1:
@@ -257,9 +239,11 @@ def write_checkpoint(out_dir, state, keep):
             os.remove(os.path.join(out_dir, f'ckpt_{s}.pt'))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, defaults):
     """A nanoMAE checkpoint, loaded with weights_only=True: tensors and plain Python
-    values only, so a shared or downloaded file cannot run code when it is read."""
+    values only, so a shared or downloaded file cannot run code when it is read.
+    Config keys it lacks (settings added since it was saved) take their value in
+    `defaults` (train_mae.CONFIG): a knob whose default keeps the old behaviour loads old checkpoints."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint not found: {path}")
     try:
@@ -273,6 +257,7 @@ def load_checkpoint(path):
                           f"({type(e).__name__}: {str(e).strip()[:120]!r})")
     if not isinstance(ckpt, dict) or not {'model', 'config'} <= ckpt.keys():
         raise ConfigError(f"{path} is not a train_mae.py checkpoint (no 'model' and 'config')")
+    ckpt['config'] = {**defaults, **ckpt['config']}
     return ckpt
 
 
@@ -283,11 +268,14 @@ def check_architecture(c, ckpt, keys):
             raise ConfigError(f"--{key}={getattr(c, key)!r} does not match the checkpoint's {ckpt['config'][key]!r}")
 
 
-# A resume continues the same run: these keys may change (they do not change which
-# images, masks, updates and learning rates the run sees), the schedule's length may
-# change only where the steps done keep their lr (a wsd/rsqrt cooldown from an
-# intermediate checkpoint), and every other key is refused unless named in
-# --resume_override (recorded in log.jsonl).
+# The resume rule. A resume continues the run in the checkpoint, so every key must
+# match the checkpoint's, except:
+#  - RESUME_FREE: where and how the run runs and logs, not what it computes (the
+#    micro-batch changes only the order of a sum);
+#  - epochs, max_iters and cooldown_frac, if every step already done keeps its lr:
+#    a wsd or rsqrt run shortened to cool down from a checkpoint (cosine's every lr
+#    depends on the run's length);
+#  - the keys named in --resume_override, which log.jsonl records.
 RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_size', 'eval_interval', 'log_interval',
                'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log', 'wandb_project',
                'wandb_run_name')
@@ -295,16 +283,16 @@ RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
 
 
 def check_resume(c, ckpt, train_images, lr_schedule):
-    """Refuse a resume that would silently become another run; lr_schedule(config
-    namespace, train_images) -> (step -> lr factor). Returns {key: [old, new]} of
-    the overridden keys that changed."""
+    """The resume rule above, as one-line refusals; lr_schedule(config namespace,
+    train_images) -> (step -> lr factor). Returns {key: [old, new]} of the
+    overridden keys that changed."""
     old = ckpt['config']
     overrides = [k for k in c.resume_override.split(',') if k]
     for key in overrides:
         if key not in old:
             raise ConfigError(f"--resume_override={c.resume_override}: unknown key '{key}'")
     for key, value in old.items():
-        new = getattr(c, key)
+        new = getattr(c, key, value)  # a key since removed from the code: nothing to compare
         if new == value or key in RESUME_FREE or key in RESUME_SCHEDULE or key in overrides:
             continue
         raise ConfigError(f"--{key}={new!r} differs from the checkpoint's {value!r}: a resume continues the same run "
@@ -363,45 +351,19 @@ class RunLog:
             self.wandb.log({'reconstructions': self.wandb.Image(path)}, step=step)
 
 
-class TrainMeter:
-    """What the loop reports between log lines: the mean loss, the unreadable
-    images skipped, a stop request and the throughput. Sums stay on the device
-    (no host sync per step); read() all-reduces them at a log step."""
-
-    def __init__(self, device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.skipped = torch.zeros((), dtype=torch.long)  # unreadable images, all ranks, since the start
-        self.steps, self.t0 = 0, time.time()
-
-    def add(self, loss, skipped):
-        self.loss_sum += loss
-        self.skipped += skipped.sum()
-
-    def step(self):
-        self.steps += 1
-
-    def read(self, stop_requested, batch_size):
-        """(mean loss, images skipped so far, stop on any rank, images/s): one all-reduce."""
-        stats = torch.stack([self.loss_sum / self.steps, self.skipped.to(self.loss_sum.device).float(),
-                             torch.tensor(float(stop_requested), device=self.loss_sum.device)])
-        world = 1
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            world = dist.get_world_size()
-        imgs_per_sec = self.steps * batch_size / (time.time() - self.t0)
-        self.loss_sum.zero_()
-        self.steps = 0
-        return stats[0].item() / world, int(stats[1].item()), stats[2].item() > 0, imgs_per_sec
-
-    def restart_clock(self):
-        """After logging, evaluation and saving: the throughput leaves them out."""
-        if self.steps == 0:
-            self.t0 = time.time()
+def all_ranks(mean_loss, skipped, stop):
+    """(mean loss, images skipped, stop requested on any rank) over all ranks, in
+    one all-reduce: the training loop's one host sync, at its log steps."""
+    stats = torch.stack([mean_loss.float(), skipped.to(mean_loss.device).float(),
+                         torch.tensor(float(stop), device=mean_loss.device)])
+    world = 1
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+        world = dist.get_world_size()
+    return stats[0].item() / world, int(stats[1].item()), stats[2].item() > 0
 
 
-def check_finite(loss, model, step, ckpt_path):
-    """Stop before a poisoned model is saved."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss} at step {step}; {ckpt_path} keeps the last good state")
-    if model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise SystemExit(f"error: non-finite weights at step {step}; {ckpt_path} keeps the last good state")
+def check_finite(name, value, step, ckpt_path):
+    """Stop before a poisoned model is saved: a NaN/Inf loss ends the run, the checkpoint stays the last good one."""
+    if not math.isfinite(value):
+        raise SystemExit(f"error: {name} is {value} at step {step}; {ckpt_path} keeps the last good state")

@@ -194,7 +194,7 @@ def load_config(argv):
     overrides = harness.parse(argv, defaults)
     ckpt = None
     if overrides.get('ckpt', defaults['ckpt']):
-        ckpt = harness.load_checkpoint(overrides['ckpt'])
+        ckpt = harness.load_checkpoint(overrides['ckpt'], train_mae.CONFIG)
         defaults.update({k: ckpt['config'][k] for k in MODEL_KEYS + ('data_dir',)})
     c = SimpleNamespace(**{**defaults, **overrides})
     c.data_dir = c.data_dir or defaults['data_dir']  # --data_dir= (empty) keeps the checkpoint's
@@ -202,7 +202,9 @@ def load_config(argv):
         harness.check_architecture(c, ckpt, train_mae.ARCH_KEYS)  # "--enc_dim=128 does not match the checkpoint's 384"
     c.out_dir = c.out_dir or (os.path.join(os.path.dirname(c.ckpt), 'random_encoder' if c.random_encoder else '')
                               if c.ckpt else os.path.join('out', 'probe'))
-    harness.check_config(SimpleNamespace(**{**train_mae.CONFIG, **vars(c)}))  # model, data, device, dtype
+    everything = SimpleNamespace(**{**train_mae.CONFIG, **vars(c)})
+    train_mae.ModelConfig.of(everything)  # the model's rules
+    harness.check_config(everything, train_mae.CHOICES)  # data, device, dtype
     if c.probe_optimizer not in ('adamw', 'muon'):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
     if c.head not in ('attentive', 'linear', 'both'):

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import sys
+import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -92,6 +93,10 @@ wandb_log = False  # also log to Weights & Biases (an optional extra: pip instal
 wandb_project = 'nanomae'
 wandb_run_name = ''  # '' = wandb's generated name
 CONFIG = harness.settings(globals(), _names_before_config)  # every constant above, by name
+CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
+               muon_adjust_lr=('original', 'match_rms_adamw'), muon_ns_dtype=('auto', 'bfloat16', 'float32'),
+               state_dtype=('float32', 'bfloat16'), schedule=('cosine', 'wsd', 'rsqrt'), init_from=('scratch', 'resume'),
+               dtype=('auto', 'bfloat16', 'float32'), device=('auto', 'cuda', 'cpu'))  # the string settings' values
 
 
 # -----------------------------------------------------------------------------
@@ -99,7 +104,9 @@ CONFIG = harness.settings(globals(), _names_before_config)  # every constant abo
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """What the MAE reads of the config (the constants above, by the same names)."""
+    """What the MAE reads of the config (the constants above, by the same names).
+    A new knob needs a default that keeps the old model: checkpoints saved before
+    it existed load with that default (harness.load_checkpoint fills it in)."""
     img_size: int
     patch_size: int
     enc_dim: int
@@ -120,6 +127,20 @@ class ModelConfig:
     def of(cls, c):  # c: any namespace with these keys
         return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
 
+    def __post_init__(self):  # the model's rules, each a one-line error naming the key
+        for key in (f.name for f in dataclasses.fields(self) if f.name in CHOICES):
+            if getattr(self, key) not in CHOICES[key]:
+                raise ConfigError(f"--{key}={getattr(self, key)!r}: must be one of {', '.join(CHOICES[key])}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"--img_size={self.img_size} is not divisible by --patch_size={self.patch_size}")
+        if self.stem == 'conv' and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"--patch_size={self.patch_size}: stem='conv' needs a power of two")
+        for dim, heads in (('enc_dim', 'enc_heads'), ('dec_dim', 'dec_heads')):
+            if getattr(self, dim) % getattr(self, heads):
+                raise ConfigError(f"--{heads}={getattr(self, heads)} does not divide --{dim}={getattr(self, dim)}")
+            if getattr(self, dim) % 4:
+                raise ConfigError(f"--{dim}={getattr(self, dim)}: the 2D sin-cos position embedding needs a multiple of 4")
+
 
 # the keys that shape the weights: a checkpoint loads only where they match
 ARCH_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ('mask_ratio', 'norm_pix_loss'))
@@ -132,11 +153,11 @@ def make_norm(kind, dim):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads, bias):
+    def __init__(self, cfg, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)  # fused q, k, v projection
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.bias)  # fused q, k, v projection
+        self.proj = nn.Linear(dim, dim, bias=cfg.bias)
 
     def forward(self, x):  # [N, T, D]
         N, T, D = x.shape
@@ -152,11 +173,11 @@ def ffn_hidden(dim, mlp_ratio, swiglu):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim, mlp_ratio, swiglu, bias):
+    def __init__(self, cfg, dim):
         super().__init__()
-        self.swiglu = swiglu
-        hidden = ffn_hidden(dim, mlp_ratio, swiglu)
-        if swiglu:  # gate and value are two matrices, as in the blog's code: Muon orthogonalises each alone
+        self.swiglu, bias = cfg.swiglu, cfg.bias
+        hidden = ffn_hidden(dim, cfg.mlp_ratio, cfg.swiglu)
+        if cfg.swiglu:  # gate and value are two matrices, as in the blog's code: Muon orthogonalises each alone
             self.fc1_g = nn.Linear(dim, hidden, bias=bias)  # timm's SwiGLU names
             self.fc1_x = nn.Linear(dim, hidden, bias=bias)
         else:
@@ -170,12 +191,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, cfg):
+    def __init__(self, cfg, dim, heads):  # dim, heads: the encoder's or the decoder's
         super().__init__()
         self.norm1 = make_norm(cfg.norm, dim)
-        self.attn = Attention(dim, heads, cfg.bias)
+        self.attn = Attention(cfg, dim, heads)
         self.norm2 = make_norm(cfg.norm, dim)
-        self.mlp = FeedForward(dim, cfg.mlp_ratio, cfg.swiglu, cfg.bias)
+        self.mlp = FeedForward(cfg, dim)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -190,15 +211,15 @@ class ConvStem(nn.Module):
     the patch border): a conv across patch borders would leak masked pixels
     into visible tokens."""
 
-    def __init__(self, patch_size, dim, bias):
+    def __init__(self, cfg):
         super().__init__()
-        widths = conv_stem_widths(patch_size, dim)
+        widths = conv_stem_widths(cfg.patch_size, cfg.enc_dim)
         layers = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             # GroupNorm(1) normalises each patch on its own: BatchNorm would mix samples
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.ReLU()]
-        self.convs = nn.Sequential(*layers, nn.Conv2d(dim, dim, 1, bias=bias))
-        self.patch_size = patch_size
+        self.convs = nn.Sequential(*layers, nn.Conv2d(cfg.enc_dim, cfg.enc_dim, 1, bias=cfg.bias))
+        self.patch_size = cfg.patch_size
 
     def forward(self, imgs):  # [N, 3, H, W] -> [N, L, D]
         N, C, H, W = imgs.shape
@@ -216,17 +237,16 @@ def conv_stem_widths(patch_size, dim):
 class PatchStem(nn.Module):
     """The ViT patchify: one p x p stride-p conv."""
 
-    def __init__(self, patch_size, dim, bias):
+    def __init__(self, cfg):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size, bias=bias)
+        self.proj = nn.Conv2d(3, cfg.enc_dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.bias)
 
     def forward(self, imgs):  # [N, 3, H, W] -> [N, L, D]
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2D sine-cosine position embedding [grid*grid, dim] (MAE, no [CLS])."""
-    assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
+    """Fixed 2D sine-cosine position embedding [grid*grid, dim] (MAE's, without [CLS])."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing='ij')
     parts = [f(c.reshape(-1, 1) * omega) for c in (x, y) for f in (torch.sin, torch.cos)]
@@ -240,15 +260,15 @@ class MAE(nn.Module):
         grid = cfg.img_size // cfg.patch_size
         self.num_patches = grid * grid
         # encoder
-        self.patch_embed = (ConvStem if cfg.stem == 'conv' else PatchStem)(cfg.patch_size, cfg.enc_dim, cfg.bias)
+        self.patch_embed = (ConvStem if cfg.stem == 'conv' else PatchStem)(cfg)
         self.register_buffer('pos_embed', sincos_pos_embed(cfg.enc_dim, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList([Block(cfg.enc_dim, cfg.enc_heads, cfg) for _ in range(cfg.enc_depth)])
+        self.blocks = nn.ModuleList([Block(cfg, cfg.enc_dim, cfg.enc_heads) for _ in range(cfg.enc_depth)])
         self.norm = make_norm(cfg.norm, cfg.enc_dim)
         # decoder
         self.decoder_embed = nn.Linear(cfg.enc_dim, cfg.dec_dim, bias=cfg.bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
         self.register_buffer('decoder_pos_embed', sincos_pos_embed(cfg.dec_dim, grid)[None], persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(cfg.dec_dim, cfg.dec_heads, cfg) for _ in range(cfg.dec_depth)])
+        self.decoder_blocks = nn.ModuleList([Block(cfg, cfg.dec_dim, cfg.dec_heads) for _ in range(cfg.dec_depth)])
         self.decoder_norm = make_norm(cfg.norm, cfg.dec_dim)
         self.decoder_pred = nn.Linear(cfg.dec_dim, cfg.patch_size ** 2 * 3, bias=cfg.bias)
         self.apply(self._init_weights)
@@ -642,12 +662,13 @@ def save_reconstructions(model, dataset, path, device, n=8):
 
 def main(argv):
     c = SimpleNamespace(**harness.configure(argv, CONFIG))
-    harness.check_config(c)
+    ModelConfig.of(c)  # the model's own rules, before any work
+    harness.check_config(c, CHOICES)
     rt = harness.setup(c)
     dev, log = rt.device, print if rt.master else (lambda *a, **k: None)
     accum = harness.accumulation(c.batch_size, c.micro_batch_size, rt.world)
     ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
-    ckpt = harness.load_checkpoint(ckpt_path) if c.init_from == 'resume' else None
+    ckpt = harness.load_checkpoint(ckpt_path, CONFIG) if c.init_from == 'resume' else None
     if ckpt is None and os.path.exists(ckpt_path):
         log(f"warning: --init_from=scratch: {ckpt_path} will be overwritten at the first evaluation")
     if rt.master:
@@ -698,7 +719,9 @@ def main(argv):
                 best_val_loss=best_val, train_images=len(train_set), wandb_id=runlog.wandb_id), c.keep_ckpts)
 
     from tqdm import tqdm
-    meter = harness.TrainMeter(dev)
+    loss_sum = torch.zeros((), device=dev)  # summed on the device between log lines: no host sync per step
+    skipped = torch.zeros((), dtype=torch.long)  # unreadable images this rank skipped
+    steps_since_log, t0 = 0, time.time()
     with tqdm(total=total, initial=step, disable=not rt.master, dynamic_ncols=True) as bar, \
             harness.stop_on_signals() as stop:
         while step < total:
@@ -712,29 +735,33 @@ def main(argv):
                     with rt.autocast:
                         loss, _, _ = train_model(to_device(batch.imgs, dev), batch.noise.to(dev, non_blocking=True))
                     (loss / accum).backward()
-                meter.add(loss.detach() / accum, batch.skipped)
+                loss_sum += loss.detach() / accum
+                skipped += batch.skipped.sum()
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             step += 1
-            meter.step()
+            steps_since_log += 1
             bar.update(1)
 
             evaluating = step % c.eval_interval == 0 or step == total
-            if step % c.log_interval == 0 or evaluating:  # the only host syncs of the loop
-                loss_avg, skipped, stopping, imgs_per_sec = meter.read(bool(stop), c.batch_size)
-                harness.check_finite(loss_avg, None, step, ckpt_path)
-                runlog.write(step=step, loss=loss_avg, lr=lr, imgs_per_sec=imgs_per_sec, skipped_images=skipped)
+            if step % c.log_interval == 0 or evaluating:  # the only host syncs of the loop: one all-reduce
+                loss_avg, skipped_all, stopping = harness.all_ranks(loss_sum / steps_since_log, skipped, bool(stop))
+                harness.check_finite('loss', loss_avg, step, ckpt_path)
+                imgs_per_sec = steps_since_log * c.batch_size / (time.time() - t0)
+                runlog.write(step=step, loss=loss_avg, lr=lr, imgs_per_sec=imgs_per_sec, skipped_images=skipped_all)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{imgs_per_sec:.0f}")
-                if stopping:
+                loss_sum.zero_()
+                steps_since_log = 0
+                if stopping:  # SIGTERM/SIGINT on any rank
                     checkpoint()
                     log(f"\nstopped by signal at step {step}: {ckpt_path} saved, continue with --init_from=resume")
                     break
             if evaluating:
-                harness.check_finite(0.0, model, step, ckpt_path)
                 model.eval()
                 val_loss = evaluate(compiled, val_loader, dev, rt.autocast)
                 model.train()
+                harness.check_finite('val loss', val_loss, step, ckpt_path)  # the weights as saved next
                 best_val = min(best_val, val_loss)
                 runlog.write(step=step, val_loss=val_loss)
                 log(f"\nstep {step}: val loss {val_loss:.4f} (best {best_val:.4f})")
@@ -743,7 +770,8 @@ def main(argv):
                     with rt.autocast:
                         save_reconstructions(model, val_set, os.path.join(c.out_dir, 'recon.png'), dev)
                     runlog.image(step, os.path.join(c.out_dir, 'recon.png'))
-            meter.restart_clock()
+            if steps_since_log == 0:  # the throughput leaves out logging, evaluation and saving
+                t0 = time.time()
     if rt.ddp:
         harness.shutdown_distributed()
 

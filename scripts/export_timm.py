@@ -22,6 +22,7 @@ model's shape; --mean/--std are the statistics we pretrained with (that model's 
 are 0.5). A SwiGLU encoder needs mlp_layer=timm.layers.SwiGLU, a class --model-kwargs
 cannot carry: build it in Python as printed.
 """
+import dataclasses
 import math
 import os
 import sys
@@ -34,6 +35,10 @@ import harness  # noqa: E402
 import train_mae  # noqa: E402
 
 ENCODER = ('patch_embed.', 'blocks.', 'norm.')  # our encoder's names are timm's already
+# the architecture keys timm_kwargs passes on, and those the encoder does not have; any
+# other key (stem, a new knob) exports only at its default, which timm's model computes
+EXPRESSED = ('img_size', 'patch_size', 'enc_dim', 'enc_depth', 'enc_heads', 'mlp_ratio', 'norm', 'swiglu', 'bias')
+NOT_ENCODER = ('dec_dim', 'dec_depth', 'dec_heads', 'mask_ratio', 'norm_pix_loss')
 
 
 def timm_kwargs(c):
@@ -50,10 +55,11 @@ def timm_kwargs(c):
 
 
 def export(ckpt):
-    c = {**train_mae.CONFIG, **ckpt['config']}
-    if c['stem'] != 'patch':
-        raise SystemExit(f"error: stem={c['stem']!r}: timm's VisionTransformer has only the patchify conv "
-                         "(stem='patch'), it cannot hold the conv stem")
+    c = ckpt['config']  # with the keys an older checkpoint lacks at their defaults (harness.load_checkpoint)
+    for key in (f.name for f in dataclasses.fields(train_mae.ModelConfig)):
+        if key not in EXPRESSED + NOT_ENCODER and c[key] != train_mae.CONFIG[key]:
+            raise SystemExit(f"error: {key}={c[key]!r}: timm's VisionTransformer cannot express it (only "
+                             f"{key}={train_mae.CONFIG[key]!r} exports; stem='patch' is its one patchify conv)")
     model = train_mae.build_model(SimpleNamespace(**c))
     try:
         model.load_state_dict(ckpt['model'])
@@ -70,7 +76,7 @@ def main(argv):
     if len(argv) != 2:
         raise SystemExit("usage: python scripts/export_timm.py CKPT OUT")
     ckpt_path, out = argv
-    sd, kw = export(harness.load_checkpoint(ckpt_path))  # weights_only=True, one-line errors
+    sd, kw = export(harness.load_checkpoint(ckpt_path, train_mae.CONFIG))  # weights_only=True, one-line errors
     torch.save(sd, out)
     mlp = ', mlp_layer=timm.layers.SwiGLU' if 'act_layer' in kw else ''
     print(f"wrote {out}: the encoder of {ckpt_path}, {len(sd)} tensors, "

@@ -156,6 +156,42 @@ def test_conv_stem_is_refused_with_one_line(tmp_path):
     assert not os.path.exists(tmp_path / 'vit.pt')
 
 
+def test_a_key_the_export_does_not_map_is_refused_not_dropped(tmp_path, monkeypatch):
+    """An architecture key timm_kwargs does not pass on (as a knob added later would be)
+    exports only at its default: any other value is a one-line error naming it."""
+    monkeypatch.setattr(export_timm, 'EXPRESSED', tuple(k for k in export_timm.EXPRESSED if k != 'norm'))
+    make_checkpoint(tmp_path / 'ckpt.pt', norm='rmsnorm')
+    with pytest.raises(SystemExit, match="error: norm='rmsnorm': timm's VisionTransformer cannot express it"):
+        export_timm.main([str(tmp_path / 'ckpt.pt'), str(tmp_path / 'vit.pt')])
+    assert not os.path.exists(tmp_path / 'vit.pt')
+    make_checkpoint(tmp_path / 'ckpt.pt')  # at its default it computes what timm computes: exported
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_timm.main([str(tmp_path / 'ckpt.pt'), str(tmp_path / 'vit.pt')])
+    assert os.path.exists(tmp_path / 'vit.pt')
+
+
+def test_a_checkpoint_saved_before_a_knob_existed_resumes_probes_and_exports(tmp_path):
+    """Config keys a checkpoint lacks take today's defaults: delete architecture
+    keys (at their defaults) from a saved config, as a checkpoint older than those
+    knobs would be, and resume, probe and export it."""
+    import probe
+    out = tmp_path / 'run'
+    T.main(TINY + [f'--out_dir={out}', '--max_iters=2', '--eval_interval=2'])
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    for key in ('swiglu', 'bias', 'stem', 'warmup_start'):
+        del ckpt['config'][key]
+    torch.save(ckpt, out / 'ckpt.pt')
+    T.main(TINY + [f'--out_dir={out}', '--max_iters=3', '--eval_interval=3', '--init_from=resume',
+                   '--resume_override=max_iters'])
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 3
+    torch.save(ckpt, out / 'ckpt.pt')  # the old one again, for the probe and the export
+    c, _ = probe.load_config([f'--ckpt={out / "ckpt.pt"}'])
+    assert (c.swiglu, c.bias, c.stem) == (T.CONFIG['swiglu'], T.CONFIG['bias'], T.CONFIG['stem'])
+    with contextlib.redirect_stdout(io.StringIO()):
+        export_timm.main([str(out / 'ckpt.pt'), str(tmp_path / 'vit.pt')])
+    assert os.path.exists(tmp_path / 'vit.pt')
+
+
 def test_missing_or_unreadable_checkpoint_is_one_line(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     torch.save({'weights': torch.zeros(1)}, tmp_path / 'other.pt')

@@ -53,13 +53,14 @@ def test_random_masking_keeps_the_right_count_and_ids_restore_inverts(mask_ratio
 
 def test_swiglu_and_gelu_ffn_have_the_same_weight_count():
     for dim, ratio in ((384, 4.0), (192, 4.0), (96, 3.0)):
-        gelu, swi = T.FeedForward(dim, ratio, False, False), T.FeedForward(dim, ratio, True, False)
+        ffn = lambda swiglu: T.FeedForward(SimpleNamespace(mlp_ratio=ratio, swiglu=swiglu, bias=False), dim)
+        gelu, swi = ffn(False), ffn(True)
         assert sum(p.numel() for p in gelu.parameters()) == sum(p.numel() for p in swi.parameters())
-    assert T.FeedForward(384, 4.0, True, True).fc2.in_features == 1024  # 2/3 * 4 * 384
+    assert T.FeedForward(SimpleNamespace(mlp_ratio=4.0, swiglu=True, bias=True), 384).fc2.in_features == 1024  # 2/3 * 4 * 384
 
 
 def test_swiglu_is_silu_of_the_gate_times_the_value_from_two_matrices():
-    ffn = T.FeedForward(16, 4.0, True, True)
+    ffn = T.FeedForward(SimpleNamespace(mlp_ratio=4.0, swiglu=True, bias=True), 16)
     gate, value = ffn.fc1_g, ffn.fc1_x
     assert isinstance(gate, nn.Linear) and isinstance(value, nn.Linear) and gate.weight is not value.weight
     x = torch.randn(3, 5, 16)
@@ -126,7 +127,7 @@ def test_masked_pixels_do_not_reach_the_encoder(stem):
 
 
 def test_conv_stem_has_total_stride_of_the_patch():
-    stem = T.ConvStem(16, 384, True)
+    stem = T.ConvStem(SimpleNamespace(patch_size=16, enc_dim=384, bias=True))
     strides = [c.stride[0] for c in stem.modules() if isinstance(c, nn.Conv2d)]
     assert strides == [2, 2, 2, 2, 1]
     assert [c.out_channels for c in stem.modules() if isinstance(c, nn.Conv2d)] == [48, 96, 192, 384, 384]

@@ -1,0 +1,65 @@
+"""scripts/study.py end to end on a tiny config: the sweep widens its grid until the
+best lr is inside, an interrupted run resumes from its checkpoint and ends as a
+straight run does, and finished runs are never run again."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, read_log, run
+
+TINY_CONFIG = """data_dir = 'synthetic'
+synthetic_size = (64, 32)
+img_size, patch_size = 32, 8
+enc_dim, enc_depth, enc_heads = 64, 2, 2
+dec_dim, dec_depth, dec_heads = 32, 1, 2
+batch_size = micro_batch_size = 16
+epochs, warmup_epochs = 10, 1
+eval_interval, log_interval = 2, 2
+compile = False
+num_workers = 0
+"""
+
+
+def study(args, **kw):
+    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'study.py')] + args
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True, **kw)
+
+
+def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_path):
+    config = tmp_path / 'tiny.py'
+    config.write_text(TINY_CONFIG)
+    results, out = tmp_path / 'results', tmp_path / 'out'
+    args = ['sweep', f'--config={config}', '--optimizers=adamw', '--lrs=1e-3,2e-3', '--length=24',
+            f'--results={results}', f'--out={out}']
+    first = out / 'adamw_lr0.001_len24_seed0'
+    p = study(args)  # killed (SIGKILL, the whole process group) once the first run has a checkpoint
+    deadline = time.time() + 120
+    while not (first / 'ckpt.pt').exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate()[0]
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (results / 'runs' / f'{first.name}.json').exists()
+
+    printed = study(args).communicate(timeout=600)[0]
+    commands = [l for l in printed.splitlines() if l.startswith('$ ')]
+    assert '--init_from=resume' in commands[0] and first.name in commands[0]
+    summaries = {f: json.load(open(results / 'runs' / f)) for f in os.listdir(results / 'runs')}
+    lrs = sorted(s['lr'] for s in summaries.values())
+    best = min(summaries.values(), key=lambda s: s['final_val'])['lr']
+    assert lrs[0] < best < lrs[-1], (lrs, best)  # widened by factors of 2 until the best is inside
+    assert {1e-3, 2e-3} <= set(lrs) and all(b == 2 * a for a, b in zip(lrs, lrs[1:]))
+
+    # the interrupted run ended where a straight run of the same command ends
+    straight = tmp_path / 'straight'
+    run([str(config), '--optimizer=adamw', '--lr=0.001', '--max_iters=24', '--seed=0', f'--out_dir={straight}'])
+    want = {str(r['step']): r['val_loss'] for r in read_log(straight) if 'val_loss' in r}
+    assert summaries[f'{first.name}.json']['curve'] == want
+
+    again = study(args).communicate(timeout=300)[0]  # everything done: nothing runs
+    assert '$ ' not in again
+    assert {f: json.load(open(results / 'runs' / f)) for f in os.listdir(results / 'runs')} == summaries
