@@ -58,8 +58,8 @@ def export(ckpt):
     c = ckpt['config']  # with the keys an older checkpoint lacks at their defaults (harness.load_checkpoint)
     for key in (f.name for f in dataclasses.fields(train_mae.ModelConfig)):
         if key not in EXPRESSED + NOT_ENCODER and c[key] != train_mae.CONFIG[key]:
-            raise SystemExit(f"error: {key}={c[key]!r}: timm's VisionTransformer cannot express it (only "
-                             f"{key}={train_mae.CONFIG[key]!r} exports; stem='patch' is its one patchify conv)")
+            raise SystemExit(f"error: {key}={c[key]!r}: timm's VisionTransformer cannot express it "
+                             f"(it exports only with {key}={train_mae.CONFIG[key]!r})")
     model = train_mae.build_model(SimpleNamespace(**c))
     try:
         model.load_state_dict(ckpt['model'])
