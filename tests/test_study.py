@@ -33,9 +33,9 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
     config = tmp_path / 'tiny.py'
     config.write_text(TINY_CONFIG)
     results, out = tmp_path / 'results', tmp_path / 'out'
-    args = ['sweep', f'--config={config}', '--optimizers=adamw', '--lrs=1e-3,2e-3', '--length=24',
+    args = ['sweep', f'--config={config}', '--optimizers=adamw', '--lrs=1e-3,2e-3', '--length=12',
             f'--results={results}', f'--out={out}']
-    first = out / 'adamw_lr0.001_len24_seed0'
+    first = out / 'adamw_lr0.001_len12_seed0'
     p = study(args)  # killed (SIGKILL, the whole process group) once the first run has a checkpoint
     deadline = time.time() + 120
     while not (first / 'ckpt.pt').exists():
@@ -56,7 +56,7 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
 
     # the interrupted run ended where a straight run of the same command ends
     straight = tmp_path / 'straight'
-    run([str(config), '--optimizer=adamw', '--lr=0.001', '--max_iters=24', '--seed=0', f'--out_dir={straight}'])
+    run(['train_mae.py', str(config), '--optimizer=adamw', '--lr=0.001', '--max_iters=12', '--seed=0', f'--out_dir={straight}'])
     want = {str(r['step']): r['val_loss'] for r in read_log(straight) if 'val_loss' in r}
     assert summaries[f'{first.name}.json']['curve'] == want
 
