@@ -17,7 +17,6 @@ embeddings, norms and biases belong to AdamW.
 
 `Muon` is a drop-in for torch.optim.Muon (same arguments, same update for 2D
 parameters) that also batches same-shaped matrices into one Newton-Schulz call
-(on GPUs; on CPUs it loops over them, where bf16 mm beats bmm)
 and, under torch.distributed, splits that work across ranks.
 
 References: K. Jordan et al., "Muon: An optimizer for hidden layers in neural
@@ -33,48 +32,21 @@ import torch
 import torch.distributed as dist
 
 
-def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, batched=None,
-                                dtype=None):
+def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, dtype=None):
     """Approximately orthogonalise G [..., A, B], batched over leading dims, in
     `dtype` (None: ns_dtype(G.device), bf16 where it is fast)."""
-    X = G.reshape(-1, *G.shape[-2:]).to(dtype or ns_dtype(G.device), copy=True).contiguous()  # [k, A, B]
-    work = X.new_empty(X.size(0), min(X.shape[-2:]), max(X.shape[-2:]))
-    return newton_schulz_(X, work, steps, coefficients, eps, batched).reshape(G.shape)
-
-
-def newton_schulz_(X, work, steps, coefficients, eps, batched=None):
-    """zeropower_via_newtonschulz5 in place: X [k, A, B] (contiguous) is
-    overwritten and the iterates alternate between `work` [k, min(A, B), max(A, B)]
-    and X's memory, so nothing the size of X is allocated (on a CPU a fresh tensor
-    costs its page faults, a few % of the step). Returns a view of one of the two.
-    batched: one bmm per product for all k matrices, the default off the CPU (one
-    launch instead of k); or one mm per matrix, the CPU's default, where bf16 mm
-    runs faster than bmm (bench.py --only=muon_step: 1.09x vs 0.99x torch's)."""
     a, b, c = coefficients
-    buffers = (work, X.view(work.shape))  # X's memory is free once the first iterate is in work
+    X = G.reshape(-1, *G.shape[-2:]).to(dtype or ns_dtype(G.device))  # [k, A, B]: baddbmm wants one batch dim
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
         X = X.mT
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
-    X.div_(X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
-    if batched is None:
-        batched = X.device.type != "cpu"
-    if batched:
-        for i in range(steps):
-            A = X @ X.mT
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-            X = torch.baddbmm(X, B, X, beta=a, out=buffers[i % 2])  # a*X + B@X
-        return X.mT if tall else X
-    A = X.new_empty(X.size(-2), X.size(-2))
-    B = torch.empty_like(A)
-    for j in range(X.size(0)):
-        x = X[j]
-        for i in range(steps):
-            torch.mm(x, x.T, out=A)
-            torch.addmm(A, A, A, beta=b, alpha=c, out=B)  # b*A + c*A@A
-            x = torch.addmm(x, B, x, beta=a, out=buffers[i % 2][j])  # a*x + B@x
-    X = buffers[(steps - 1) % 2] if steps else X
-    return X.mT if tall else X
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+    return (X.mT if tall else X).reshape(G.shape)
 
 
 def ns_dtype(device):
@@ -114,14 +86,11 @@ def adjusted_lr(lr, adjust_lr_fn, shape):
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's constructor and update, plus: conv weights (as 2D),
     same-shaped matrices orthogonalised together (one batched Newton-Schulz call
-    per shape off the CPU, one mm per matrix on it), the orthogonalisation split
-    across ranks under torch.distributed (all ranks must hold identical
-    gradients, as after DDP's all-reduce), `momentum_dtype` (e.g.
-    torch.bfloat16 halves the optimizer state) and `ns_dtype`, Newton-Schulz's
-    dtype (None: ns_dtype(device), bf16 where bf16 matmuls are fast, as torch's
-    always is; fp32 elsewhere). Between steps it keeps a workspace in that dtype,
-    not in the state: two stacks of the largest group of same-shaped matrices
-    (the momentum updates, and Newton-Schulz's other buffer)."""
+    per shape), the orthogonalisation split across ranks under torch.distributed
+    (all ranks must hold identical gradients, as after DDP's all-reduce),
+    `momentum_dtype` (e.g. torch.bfloat16 halves the optimizer state) and
+    `ns_dtype`, Newton-Schulz's dtype (None: ns_dtype(device), bf16 where bf16
+    matmuls are fast, as torch's always is; fp32 elsewhere)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5,
@@ -134,7 +103,6 @@ class Muon(torch.optim.Optimizer):
                         adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
         self.momentum_dtype, self.ns_dtype = momentum_dtype, ns_dtype
-        self.workspace = {}  # device -> flat tensor in Newton-Schulz's dtype, see _stacks
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -152,49 +120,35 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape.setdefault(p.flatten(1).shape, []).append(p)
             for shape, params in by_shape.items():
-                U, work = self._stacks(len(params), shape, params[0].device)
-                # the momentum update, per parameter, written straight into the Newton-Schulz stack
-                for p, u in zip(params, U):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
-                    buf = state["momentum_buffer"]
-                    g = p.grad.to(buf.dtype)
-                    buf.lerp_(g, 1 - group["momentum"])
-                    if group["nesterov"]:
-                        torch.lerp(g, buf, group["momentum"], out=u.view_as(p))
-                    else:
-                        u.view_as(p).copy_(buf)
-                O = self._orthogonalize(U, work, group)
+                dtype = self.ns_dtype or ns_dtype(params[0].device)
+                U = torch.stack([self._momentum_update(p, group).flatten(1) for p in params]).to(dtype)  # [k, A, B]
+                O = self._orthogonalize(U, group)
                 lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
                 for p, o in zip(params, O):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(o.view_as(p), alpha=-lr)  # o is bf16 or fp32, added in p's dtype
         return loss
 
-    def _stacks(self, k, shape, device):
-        """Views of the workspace: the stack [k, A, B] that the momentum updates are
-        written into and Newton-Schulz's other buffer [k, min(A, B), max(A, B)]. Kept
-        between steps (a fresh one costs a CPU its page faults) and shared by all shapes."""
-        n = k * shape.numel()
-        dtype = self.ns_dtype or ns_dtype(device)
-        if device not in self.workspace or self.workspace[device].numel() < 2 * n:
-            self.workspace[device] = torch.empty(2 * n, dtype=dtype, device=device)
-        U, work = self.workspace[device][:2 * n].view(2, -1)
-        return U.view(k, *shape), work.view(k, min(shape), max(shape))
+    def _momentum_update(self, p, group):
+        """SGD momentum on p's gradient; returns the step to orthogonalise (Nesterov's look-ahead or the momentum)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype)
+        buf = state["momentum_buffer"]
+        g = p.grad.to(buf.dtype)
+        buf.lerp_(g, 1 - group["momentum"])
+        return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
-    def _orthogonalize(self, U, work, group):
-        """Newton-Schulz on the stack U [k, A, B], in place; under torch.distributed each
-        rank takes a contiguous 1/world of the k matrices and all-gathers the rest."""
+    def _orthogonalize(self, U, group):
+        """Newton-Schulz on the stack U [k, A, B]; under torch.distributed each rank
+        takes a contiguous 1/world of the k matrices and all-gathers the rest."""
         args = group["ns_steps"], group["ns_coefficients"], group["eps"]
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1:
-            return newton_schulz_(U, work, *args)
-        k = U.size(0)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return zeropower_via_newtonschulz5(U, *args, dtype=U.dtype)
+        rank, world, k = dist.get_rank(), dist.get_world_size(), U.size(0)
         per_rank = math.ceil(k / world)
         U = torch.cat([U, U.new_zeros(per_rank * world - k, *U.shape[1:])])  # pad to a multiple of world
-        mine = zeropower_via_newtonschulz5(U[dist.get_rank() * per_rank:(dist.get_rank() + 1) * per_rank], *args,
-                                           dtype=U.dtype)
+        mine = zeropower_via_newtonschulz5(U[rank * per_rank:(rank + 1) * per_rank], *args, dtype=U.dtype)
         if U.device.type == "cpu":  # gloo has no bf16 all_gather
             mine = mine.float()
         parts = [torch.empty_like(mine) for _ in range(world)]

@@ -223,79 +223,116 @@ def load_config(argv):
 def main(argv):
     c, ckpt = load_config(argv)
     rt = harness.setup(c)
-    dev, autocast, world = rt.device, rt.autocast, rt.world
     log = print if rt.master else (lambda *a, **k: None)
-    if c.batch_size % world:
-        raise ConfigError(f"--batch_size={c.batch_size} is not divisible by {world} processes")
-    micro = c.batch_size // world  # no accumulation: one step = one global batch split across ranks
+    encode = frozen_encoder(c, ckpt, rt)
+    del ckpt  # the encoder has its weights; the rest (optimizer states) need not stay in memory
+    train_set, val_set, order, val_loader = build_data(c, rt)
+    if rt.master:
+        harness.make_out_dir(c.out_dir)  # before training: an unwritable out_dir fails now, not after it
+    grid = [(lr, wd) for lr in c.lrs for wd in c.wds]  # one probe per setting, in each head
+    classes = train_set.source.classes
+    heads = build_probes(c, grid, len(classes), rt.device)
+    encoder = 'random' if c.random_encoder or not c.ckpt else c.ckpt
+    log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
+        f"{len(grid)} probes per head ({len(c.lrs)} lrs x {len(c.wds)} wds; {', '.join(heads)}), "
+        f"{order.total_steps} steps of {c.batch_size} images, {rt.world} process(es), "
+        f"encoder {encoder if encoder == 'random' else 'from ' + encoder}")
+    train(c, rt, heads, grid, order, train_tokens(c, rt, encode, train_set, order))
+    correct = evaluate(heads, encode(val_loader), len(grid), rt)
+    if rt.ddp:
+        harness.shutdown_distributed()  # evaluate's all-reduce was the last collective
+    out = summarise(c, grid, correct, len(val_set), encoder)
+    if rt.master:
+        report(c, out, heads, len(val_set))
+    return out
 
+
+def frozen_encoder(c, ckpt, rt):
+    """The encoder of c's architecture, with the checkpoint's weights (random ones
+    without a checkpoint or with random_encoder), frozen. Returns encode(loader),
+    which yields (tokens [n, L, D], labels [n]) per batch of the loader."""
     torch.manual_seed(c.seed)  # the random encoder: the same on every rank
     model = train_mae.build_model(c)
     if ckpt is not None and not c.random_encoder:
         model.load_state_dict(ckpt['model'])
-    del ckpt
-    model = model.to(dev).eval().requires_grad_(False)
+    model = model.to(rt.device).eval().requires_grad_(False)
     features = torch.compile(model.forward_features) if c.compile else model.forward_features
 
+    def encode(loader):
+        for batch in loader:
+            with torch.no_grad(), rt.autocast:  # (not around the yield: the caller trains the probes)
+                x = features(train_mae.to_device(batch.imgs, rt.device))
+            yield x, batch.labels.to(rt.device, non_blocking=True)
+    return encode
+
+
+def build_data(c, rt):
+    """(train set, val set, this rank's training batch order, val loader). The
+    order is c.epochs passes of c.batch_size images per step, each split across
+    the ranks: no accumulation, one micro-batch per rank is one global batch."""
+    if c.batch_size % rt.world:
+        raise ConfigError(f"--batch_size={c.batch_size} is not divisible by {rt.world} processes")
+    micro = c.batch_size // rt.world
     train_set, val_set = train_mae.build_datasets(c, num_patches=0)  # RandomResizedCrop + flip; centre crops
     train_set.train = c.augment  # augment=False: centre crops for training too
     steps_per_epoch = len(train_set) // c.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
-    total, warmup = c.epochs * steps_per_epoch, c.warmup_epochs * steps_per_epoch
-    results_path = os.path.join(c.out_dir, 'probe_results.json')
-    if rt.master:
-        harness.make_out_dir(c.out_dir)
-    pin = dev.startswith('cuda')
-    order = train_mae.TrainBatches(len(train_set), c.batch_size, micro, rt.rank, world, c.seed, 0, total)
-    val_loader = train_mae.make_loader(val_set, train_mae.val_batches(len(val_set), micro, rt.rank, world),
-                                       c.num_workers, pin)
+    order = train_mae.TrainBatches(len(train_set), c.batch_size, micro, rt.rank, rt.world, c.seed, 0,
+                                   c.epochs * steps_per_epoch)
+    val_loader = make_loader(c, rt, val_set, train_mae.val_batches(len(val_set), micro, rt.rank, rt.world))
+    return train_set, val_set, order, val_loader
 
-    def encode(loader):  # -> (tokens [n, L, D], labels [n]) per batch
-        for batch in loader:
-            with torch.no_grad(), autocast:  # (not around the yield: the caller trains the probes)
-                x = features(train_mae.to_device(batch.imgs, dev))
-            yield x, batch.labels.to(dev, non_blocking=True)
 
-    def train_batches():
-        if c.augment:  # a fresh crop of each image at each epoch
-            yield from encode(train_mae.make_loader(train_set, order, c.num_workers, pin))
-            return
-        # every image's tokens once (each rank holds all of them), then the same batch order from memory
-        x, labels = map(torch.cat, zip(*encode(train_mae.make_loader(
-            train_set, train_mae.val_batches(len(train_set), micro, 0, 1), c.num_workers, pin))))
-        for batch in order:
-            idx = torch.tensor([i for _, i in batch], device=dev)
-            yield x[idx], labels[idx]
+def make_loader(c, rt, dataset, batches):
+    return train_mae.make_loader(dataset, batches, c.num_workers, pin=rt.device.startswith('cuda'))
 
-    grid = [(lr, wd) for lr in c.lrs for wd in c.wds]
-    P = len(grid)
-    classes = train_set.source.classes
-    peak_lr = torch.tensor([lr for lr, _ in grid], device=dev)  # one value per probe
-    decay = torch.tensor([wd for _, wd in grid], device=dev)
+
+def train_tokens(c, rt, encode, train_set, order):
+    """The training batches (tokens [n, L, D], labels [n]) in `order`. With augment,
+    every batch is cropped and encoded afresh (a new crop of each image each epoch);
+    without, every image's tokens are encoded once (each rank holds all of them) and
+    the batches are taken from memory: the encoder then costs one pass, not epochs."""
+    if c.augment:
+        yield from encode(make_loader(c, rt, train_set, order))
+        return
+    everything = train_mae.val_batches(len(train_set), c.batch_size // rt.world, 0, 1)
+    x, labels = map(torch.cat, zip(*encode(make_loader(c, rt, train_set, everything))))
+    for batch in order:
+        idx = torch.tensor([i for _, i in batch], device=rt.device)
+        yield x[idx], labels[idx]
+
+
+def build_probes(c, grid, num_classes, device):
+    """{head name: (its P stacked probes, their optimizer)}, probe i for grid[i] = (lr, wd)."""
+    decay = torch.tensor([wd for _, wd in grid], device=device)  # one value per probe
     head_decay = decay if c.head_weight_decay < 0 else torch.full_like(decay, c.head_weight_decay)
-    heads = {}  # name -> (P stacked probes, their optimizer)
+    heads = {}
     for name, Probes in (('attentive', AttentiveProbes), ('linear', LinearProbes)):
         if c.head in (name, 'both'):
-            probes = Probes(P, c.enc_dim, len(classes), c.seed).to(dev)
+            probes = Probes(len(grid), c.enc_dim, num_classes, c.seed).to(device)
             heads[name] = probes, ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
-    encoder = 'random' if c.random_encoder or not c.ckpt else c.ckpt
-    log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
-        f"{P} probes per head ({len(c.lrs)} lrs x {len(c.wds)} wds; {', '.join(heads)}), {total} steps of "
-        f"{c.batch_size} images, {world} process(es), encoder {encoder if encoder == 'random' else 'from ' + encoder}")
+    return heads
 
+
+def train(c, rt, heads, grid, order, tokens):
+    """All probes of all heads on the same token batches, one optimizer step per
+    batch: each probe steps on its own loss with its own lr (warmup, then cosine)."""
     from tqdm import tqdm
+    P, steps_per_epoch = len(grid), order.steps_per_epoch
+    peak_lr = torch.tensor([lr for lr, _ in grid], device=rt.device)  # one value per probe
+    total, warmup = order.total_steps, c.warmup_epochs * steps_per_epoch
     bar = tqdm(total=total, disable=not rt.master, dynamic_ncols=True)
-    for step, (x, labels) in enumerate(train_batches()):  # x [n, L, D], shared by all probes
+    for step, (x, labels) in enumerate(tokens):  # x [n, L, D], shared by all probes
         for probes, optimizer in heads.values():
-            with autocast:
+            with rt.autocast:
                 logits = probes(x)  # [P, n, classes]
             losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(P), reduction='none').view(P, -1).mean(1)
             losses.sum().backward()  # a sum: each probe gets the gradient of its own loss
             if rt.ddp:  # average over ranks; the probes are too small for DDP's bucketing to matter
                 for p in probes.parameters():
                     dist.all_reduce(p.grad)
-                    p.grad /= world
+                    p.grad /= rt.world
             optimizer.step(peak_lr * train_mae.lr_factor(step, total, warmup, 'cosine', 0.0, c.warmup_start))
             probes.zero_grad(set_to_none=True)
         bar.update(1)
@@ -303,38 +340,50 @@ def main(argv):
             bar.set_postfix(epoch=(step + 1) // steps_per_epoch, best_loss=f"{losses.min().item():.3f}")
     bar.close()
 
-    correct = {name: torch.zeros(P, device=dev, dtype=torch.long) for name in heads}
+
+def evaluate(heads, val_tokens, P, rt):
+    """{head name: correct top-1 predictions [P] on the val split}, summed over ranks."""
+    correct = {name: torch.zeros(P, device=rt.device, dtype=torch.long) for name in heads}
     for probes, _ in heads.values():
         probes.eval()  # the linear probe's BatchNorm: running statistics
-    for x, labels in encode(val_loader):
-        with torch.no_grad(), autocast:
+    for x, labels in val_tokens:
+        with torch.no_grad(), rt.autocast:
             for name, (probes, _) in heads.items():
                 correct[name] += (probes(x).argmax(-1) == labels).sum(1)
     if rt.ddp:
         for n in correct.values():
             dist.all_reduce(n)
-        harness.shutdown_distributed()
+    return correct
+
+
+def summarise(c, grid, correct, num_val, encoder):
+    """probe_results.json's content: top-1 of every head and setting, the best,
+    and a warning for each head whose best setting lies on the grid's edge."""
     results = [dict(head=name, lr=lr, weight_decay=wd, top1=acc) for name, n in correct.items()
-               for (lr, wd), acc in zip(grid, (n.double() / len(val_set)).tolist())]
+               for (lr, wd), acc in zip(grid, (n.double() / num_val).tolist())]
     out = dict(encoder=encoder, results=results, best=max(results, key=lambda r: r['top1']))
-    warnings = [edge_warning(c, [r for r in results if r['head'] == name]) for name in heads]
+    warnings = [edge_warning(c, [r for r in results if r['head'] == name]) for name in correct]
     if any(warnings):
         out['warning'] = ' '.join(w for w in warnings if w)
-    if rt.master:
-        with open(results_path, 'w') as f:
-            json.dump(out, f, indent=1)
-        for name in heads:
-            log(f"{name} probes: top-1 on {len(val_set):,} val images; rows: lr, columns: weight decay")
-            log(' ' * 9 + ''.join(f"{wd:>9g}" for wd in c.wds))
-            top1 = [r['top1'] for r in results if r['head'] == name]
-            for i, lr in enumerate(c.lrs):
-                log(f"{lr:<9g}" + ''.join(f"{acc:>9.4f}" for acc in top1[i * len(c.wds):(i + 1) * len(c.wds)]))
-        best = out['best']
-        log(f"best: {best['head']} lr={best['lr']:g} weight_decay={best['weight_decay']:g} top-1 {best['top1']:.4f} "
-            f"-> {results_path}")
-        if 'warning' in out:
-            log(f"warning: {out['warning']}")
     return out
+
+
+def report(c, out, heads, num_val):
+    """Writes out_dir/probe_results.json and prints a top-1 table per head."""
+    path = os.path.join(c.out_dir, 'probe_results.json')
+    with open(path, 'w') as f:
+        json.dump(out, f, indent=1)
+    for name in heads:
+        print(f"{name} probes: top-1 on {num_val:,} val images; rows: lr, columns: weight decay")
+        print(' ' * 9 + ''.join(f"{wd:>9g}" for wd in c.wds))
+        top1 = [r['top1'] for r in out['results'] if r['head'] == name]
+        for i, lr in enumerate(c.lrs):
+            print(f"{lr:<9g}" + ''.join(f"{acc:>9.4f}" for acc in top1[i * len(c.wds):(i + 1) * len(c.wds)]))
+    best = out['best']
+    print(f"best: {best['head']} lr={best['lr']:g} weight_decay={best['weight_decay']:g} top-1 {best['top1']:.4f} "
+          f"-> {path}")
+    if 'warning' in out:
+        print(f"warning: {out['warning']}")
 
 
 def edge_warning(c, results):
