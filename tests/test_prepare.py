@@ -95,13 +95,15 @@ def test_an_interrupted_prepare_resumes_and_completes(source, tmp_path):
                           *FLAGS], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while not os.path.exists(dst / 'train_00003.npy'):
-            assert p.poll() is None and time.time() < deadline, p.communicate()
+        while not (os.path.isdir(dst) and any(f.startswith('train_00004') for f in os.listdir(dst))):
+            assert p.poll() is None and time.time() < deadline, p.communicate()  # 4 shards done, the fifth begun
             time.sleep(0.05)
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the script and its pool's worker, without warning
         p.wait()
-    assert not os.path.exists(dst / 'index.json') and not os.path.exists(dst / 'train_00004.npy')
+    assert os.path.exists(dst / 'train_00003.npy') and os.path.exists(dst / 'train_00004.bin.tmp')
+    for unfinished in ('train_00004.bin', 'train_00004.npy', 'train.npy', 'index.json'):
+        assert not os.path.exists(dst / unfinished), unfinished
     msg = one_line_error(lambda: T.main(TINY + [f'--data_dir={dst}', f'--out_dir={tmp_path / "out"}']))
     assert 'unfinished' in msg and str(dst) in msg  # half-written: refused, never read as a whole copy
 
