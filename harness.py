@@ -109,7 +109,8 @@ def check_config(c):
         if getattr(c, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(allowed)}")
     if not c.data_dir:
-        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, or 'synthetic'")
+        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, its scripts/prepare_data.py "
+                          "copy, or 'synthetic'")
     if c.img_size % c.patch_size:
         raise ConfigError(f"--img_size={c.img_size} is not divisible by --patch_size={c.patch_size}")
     if c.stem == 'conv' and (c.patch_size < 2 or c.patch_size & (c.patch_size - 1)):
