@@ -70,6 +70,14 @@ def encode(path, side, quality):
     return buf.getvalue()
 
 
+def init_worker():
+    """A pool worker: Ctrl-C is the main process's to handle (no traceback from each
+    worker), and PIL keeps freed image memory for the next image instead of returning it
+    to the OS and faulting it in afresh (~30% of the CPU time per image on a 2-core VM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Image.core.set_blocks_max(8)  # what the PILLOW_BLOCKS_MAX environment variable sets
+
+
 def write_atomic(path, write):
     """write(file) into path.tmp, fsync, rename: path is whole or absent, whenever the job dies."""
     with open(path + '.tmp', 'wb') as f:
@@ -185,8 +193,7 @@ def main(argv):
     if todo < total:
         print(f"resuming {dst}: {total - todo:,} of {total:,} images packed already")
     warnings, t0 = 0, time.time()
-    # the workers ignore Ctrl-C: the main process stops them, without a traceback from each
-    with multiprocessing.Pool(c.workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool, \
+    with multiprocessing.Pool(c.workers, init_worker) as pool, \
             tqdm(total=total, initial=total - todo, unit='img', dynamic_ncols=True) as bar:
         try:
             for images, errors in pool.imap_unordered(pack_shard, jobs):
