@@ -42,7 +42,7 @@ from train_mae import PACKED_FORMAT, PACKED_INDEX, PACKED_PROGRESS, PackedImages
 # -----------------------------------------------------------------------------
 # config (--key=value after SRC and DST)
 _names_before_config = set(globals())
-workers = os.cpu_count()  # processes, each packing whole shards
+workers = os.cpu_count() or 1  # processes, each packing whole shards
 short_side = 256  # px: every image's shorter side is resized to this (smaller ones keep their size)
 quality = 90  # JPEG quality of the re-encoded images
 shard_size = 1000  # images per shard file: the unit of work, of resumption and of what an interruption loses
