@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import train_mae as T
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import prepare_data  # noqa: E402
@@ -157,10 +157,12 @@ def test_unreadable_source_images_are_reported_counted_and_left_out(source, tmp_
     assert T.PackedImages(str(tmp_path / 'packed'), 'train').rows[:, 3].tolist() == kept
 
 
-def test_train_mae_refuses_a_half_written_copy_in_one_line(source, tmp_path):
+@pytest.mark.parametrize('script', ['train_mae', 'probe'])
+def test_a_half_written_copy_is_refused_in_one_line(source, tmp_path, script):
     prepare(source, tmp_path / 'packed')
-    os.remove(tmp_path / 'packed' / 'index.json')  # what a run stopped before its end leaves
-    p = run(TINY + [f'--data_dir={tmp_path / "packed"}', f'--out_dir={tmp_path / "out"}'], check=False, timeout=60)
-    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'packed'} is an unfinished packed copy (no index.json): "
-        "run scripts/prepare_data.py again to finish it"], p.stderr
+    os.remove(tmp_path / 'packed' / 'index.json')  # what a preparation stopped before its end leaves
+    main = T.main if script == 'train_mae' else __import__('probe').main
+    argv = [f'--data_dir={tmp_path / "packed"}', f'--out_dir={tmp_path / "out"}', '--compile=False', '--num_workers=0']
+    msg = one_line_error(lambda: main((TINY if script == 'train_mae' else ['--ckpt=']) + argv))
+    assert msg == (f"error: {tmp_path / 'packed'} is an unfinished packed copy (no index.json): "
+                   "run scripts/prepare_data.py again to finish it")
