@@ -8,7 +8,8 @@ train        one training step of train_mae's model and optimizers on synthetic 
              imgs_per_sec, mfu (analytic FLOPs / the GPU's bf16 dense peak), peak_mem_gb
 muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random gradients; under
              `torchrun --nproc_per_node=N bench.py --only=muon_step`, per rank with the work split N ways
-loader       images/s of the real JPEG pipeline per DataLoader worker count, and PIL decode alone
+loader       train crops/s of the real JPEG pipeline per DataLoader worker count, from the ImageFolder
+             and from scripts/prepare_data.py's packed copies of it (and their ratio), and PIL decode alone
 probe_sweep  probe.py's 30-setting lr x wd sweep vs a single setting
 optim_state  optimizer-state bytes per parameter, per optimizer and state_dtype (adafactor: Zhai et al.'s)
 
@@ -22,6 +23,7 @@ import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +53,9 @@ muon_iters = 10  # timed steps of each optimizer, after one untimed (the median 
 loader_images = 512  # generated JPEGs, 500x375 at quality 90 (~90 KB, like ImageNet's)
 loader_batches = 20  # timed micro-batches per worker count, after each worker's first
 loader_workers = ()  # DataLoader worker counts; () = 1, 2, 4, ... up to the CPU count
-bench_dir = ''  # where the JPEGs are written once and reused; '' = a temporary folder
+loader_rounds = 3  # timings of each source per worker count, interleaved (the median counts)
+pack_short_sides = (256,)  # packed copies (prepare_data.py --short_side) compared with the ImageFolder
+bench_dir = ''  # where the JPEGs and packed copies are written once and reused; '' = a temporary folder
 # probe_sweep (on probe.py's built-in synthetic data, with a random encoder of the model keys)
 probe_epochs = 1
 probe_batch_size = 256
@@ -69,6 +73,8 @@ CPU_DEFAULTS = {
     'optim_state': dict(),
     'probe_sweep': dict(SMALL_MODEL, synthetic_size=(1024, 256), probe_batch_size=128, compile=False, num_workers=1),
 }
+
+PREPARE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts', 'prepare_data.py')
 
 # bf16 dense tensor-core peaks in FLOP/s, by a substring of torch.cuda.get_device_name (first match)
 PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('B200', 2.25e15), ('A100', 312e12))
@@ -233,38 +239,57 @@ def make_jpegs(folder, n, seed=0):
 
 def bench_loader(c):
     with contextlib.ExitStack() as stack:
-        folder = c.bench_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix='nanomae_bench_'))
-        make_jpegs(folder, c.loader_images, c.seed)
-        source = train_mae.ImageFolder(folder)
-        n = len(source)
-        # one process, PIL's full-size decode alone: the per-core ceiling of JPEG decoding
-        t0 = time.perf_counter()
-        for path, _ in source.samples[:min(n, 100)]:
-            Image.open(path).convert('RGB')
-        yield dict(name='loader', stage='PIL decode alone', workers=0,
-                   imgs_per_sec=min(n, 100) / (time.perf_counter() - t0))
+        root = c.bench_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix='nanomae_bench_'))
+        folder = os.path.join(root, 'jpegs')
+        make_jpegs(os.path.join(folder, 'train'), c.loader_images, c.seed)
+        make_jpegs(os.path.join(folder, 'val'), 10, c.seed + 1)  # prepare_data.py packs both splits
+        sources = dict(folder=train_mae.ImageFolder(os.path.join(folder, 'train')))
+        n = len(sources['folder'])
+        for side in c.pack_short_sides:  # the same images, packed by the real script (once per bench_dir)
+            packed = os.path.join(root, f'packed{side}_{n}')
+            if not os.path.exists(os.path.join(packed, train_mae.PACKED_INDEX)):
+                subprocess.run([sys.executable, PREPARE_DATA, folder, packed, f'--short_side={side}'], check=True,
+                               stdout=sys.stderr)  # stdout carries only the JSON lines
+            sources[f'packed{side}'] = train_mae.PackedImages(packed, 'train')
+        for path, source in sources.items():
+            # one process, PIL's decode alone (no crop, no resize): the per-core ceiling of each source
+            t0 = time.perf_counter()
+            for i in range(min(n, 100)):
+                source.open(i)[0].convert('RGB')
+            yield dict(name='loader', stage='PIL decode alone', path=path, workers=0,
+                       imgs_per_sec=min(n, 100) / (time.perf_counter() - t0))
         # the training pipeline: crop, resize, flip and mask noise in DataLoader workers
         num_patches = (c.img_size // c.patch_size) ** 2
-        dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale)
         mb = c.micro_batch_size
         if n < mb:
             raise harness.ConfigError(f"--loader_images={n} is fewer than --micro_batch_size={mb}")
         cpus = os.cpu_count()
         workers = c.loader_workers or tuple(2 ** k for k in range(int(math.log2(cpus)) + 1))
-        for w in workers:
+
+        def crops_per_sec(source, w, rnd):  # round rnd reads its own steps: other crops than the last round's
+            dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale)
             first = max(1, w)  # every worker's first batch arrives at about the same time: not timed
-            sampler = train_mae.TrainBatches(n, mb, mb, 0, 1, c.seed, 0, first + c.loader_batches)
-            loader = train_mae.make_loader(dataset, sampler, w, pin=False)
-            batches = iter(loader)
+            steps = first + c.loader_batches
+            sampler = train_mae.TrainBatches(n, mb, mb, 0, 1, c.seed, rnd * steps, (rnd + 1) * steps)
+            batches = iter(train_mae.make_loader(dataset, sampler, w, pin=False))
             for _ in range(first):
                 next(batches)
             t0 = time.perf_counter()
             for _ in batches:
                 pass
-            yield dict(name='loader', stage='MAEDataset train pipeline', workers=w,
-                       imgs_per_sec=c.loader_batches * mb / (time.perf_counter() - t0),
-                       img_size=c.img_size, micro_batch_size=mb, cpus=cpus)
-            del batches, loader  # stops the persistent workers
+            return c.loader_batches * mb / (time.perf_counter() - t0)  # the iterator dies here: its workers stop
+
+        for w in workers:
+            rates = {path: [] for path in sources}
+            for r in range(c.loader_rounds):  # interleaved: on a shared machine only ratios in one run count
+                for path, source in sources.items():
+                    rates[path].append(crops_per_sec(source, w, r))
+            folder_rate = statistics.median(rates['folder'])
+            for path, per_round in rates.items():
+                rate = statistics.median(per_round)
+                yield dict(name='loader', stage='MAEDataset train pipeline', path=path, workers=w, imgs_per_sec=rate,
+                           imgs_per_sec_per_worker=rate / max(1, w), ratio=rate / folder_rate,
+                           img_size=c.img_size, micro_batch_size=mb, rounds=c.loader_rounds, cpus=cpus)
 
 
 def bench_probe_sweep(c):

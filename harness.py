@@ -102,7 +102,8 @@ def check_config(c, choices):
         if getattr(c, key) not in allowed:
             raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(allowed)}")
     if not c.data_dir:
-        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, or 'synthetic'")
+        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, its scripts/prepare_data.py "
+                          "copy, or 'synthetic'")
     L = (c.img_size // c.patch_size) ** 2
     if not 0 <= c.mask_ratio < 1 or not 0 < int(L * (1 - c.mask_ratio)) < L:  # the loss needs both
         raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")

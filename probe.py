@@ -38,7 +38,7 @@ from harness import ConfigError
 _names_before_config = set(globals())
 ckpt = ''  # a train_mae.py ckpt.pt; '' probes a randomly initialised encoder of train_mae.py's model keys
 random_encoder = False  # True: the checkpoint's architecture and data, its weights replaced by a random init (the baseline)
-data_dir = ''  # '' = the checkpoint's; an ImageFolder root with train/ and val/, or 'synthetic'
+data_dir = ''  # '' = the checkpoint's; an ImageFolder root with train/ and val/, its scripts/prepare_data.py copy, or 'synthetic'
 out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (its random_encoder/ subfolder
 # with random_encoder=True; out/probe without a checkpoint)
 epochs = 10

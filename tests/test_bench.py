@@ -15,7 +15,8 @@ TINY_MODEL = dict(img_size=32, patch_size=8, enc_dim=64, enc_depth=2, enc_heads=
 
 def test_bench_prints_every_bench_as_json(tmp_path):
     keys = dict(TINY_MODEL, batch_size=16, micro_batch_size=8, iters=2, warmup_iters=1, peak_flops=1e12, muon_iters=2,
-                loader_images=24, loader_batches=2, loader_workers=(0, 1), bench_dir=str(tmp_path), num_workers=0,
+                loader_images=24, loader_batches=2, loader_workers=(0, 1), loader_rounds=1, bench_dir=str(tmp_path),
+                num_workers=0,
                 synthetic_size=(64, 32), probe_batch_size=32, probe_epochs=1)
     argv = [f"--{k}={v}" for k, v in keys.items()]
     out = run(['bench.py', '--device=cpu', *argv], timeout=240)
@@ -33,8 +34,14 @@ def test_bench_prints_every_bench_as_json(tmp_path):
     assert train['device'].startswith('cpu')
     [muon] = by_name['muon_step']
     assert muon['ours_ms'] > 0 and muon['torch_ms'] > 0 and muon['speedup'] > 0
-    assert sorted(r['workers'] for r in by_name['loader']) == [0, 0, 1]  # PIL alone, then 0 and 1 workers
+    # PIL alone, then 0 and 1 workers, each from the folder and from its packed copy
+    loader = [(r['stage'], r['path'], r['workers']) for r in by_name['loader']]
+    assert loader == [('PIL decode alone', 'folder', 0), ('PIL decode alone', 'packed256', 0)] + [
+        ('MAEDataset train pipeline', path, w) for w in (0, 1) for path in ('folder', 'packed256')]
     assert all(r['imgs_per_sec'] > 0 for r in by_name['loader'])
+    pipeline = [r for r in by_name['loader'] if r['stage'] == 'MAEDataset train pipeline']
+    for folder, packed in zip(pipeline[::2], pipeline[1::2]):  # per worker count; ratios as printed, 4 digits
+        assert folder['ratio'] == 1 and packed['ratio'] == pytest.approx(packed['imgs_per_sec'] / folder['imgs_per_sec'], 1e-3)
     [sweep] = by_name['probe_sweep']
     assert sweep['configs'] == 30 and sweep['sweep_s'] > 0 and sweep['single_s'] > 0
 
