@@ -1,6 +1,6 @@
 """scripts/study.py end to end on a tiny config: the sweep widens its grid until the
-best lr is inside, an interrupted run resumes from its checkpoint and ends as a
-straight run does, and finished runs are never run again."""
+best lr is inside, an interrupted run resumes from its checkpoint, and finished runs
+are never run again."""
 import json
 import os
 import signal
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, read_log, run
+from conftest import ROOT
 
 TINY_CONFIG = """data_dir = 'synthetic'
 synthetic_size = (64, 32)
@@ -33,9 +33,9 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
     config = tmp_path / 'tiny.py'
     config.write_text(TINY_CONFIG)
     results, out = tmp_path / 'results', tmp_path / 'out'
-    args = ['sweep', f'--config={config}', '--optimizers=adamw', '--lrs=1e-3,2e-3', '--length=12',
+    args = ['sweep', f'--config={config}', '--optimizers=adamw', '--lrs=4e-3,8e-3', '--length=12',
             f'--results={results}', f'--out={out}']
-    first = out / 'adamw_lr0.001_len12_seed0'
+    first = out / 'adamw_lr0.004_len12_seed0'
     p = study(args)  # killed (SIGKILL, the whole process group) once the first run has a checkpoint
     deadline = time.time() + 120
     while not (first / 'ckpt.pt').exists():
@@ -52,13 +52,11 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
     lrs = sorted(s['lr'] for s in summaries.values())
     best = min(summaries.values(), key=lambda s: s['final_val'])['lr']
     assert lrs[0] < best < lrs[-1], (lrs, best)  # widened by factors of 2 until the best is inside
-    assert {1e-3, 2e-3} <= set(lrs) and all(b == 2 * a for a, b in zip(lrs, lrs[1:]))
+    assert {4e-3, 8e-3} <= set(lrs) and all(b == 2 * a for a, b in zip(lrs, lrs[1:]))
 
-    # the interrupted run ended where a straight run of the same command ends
-    straight = tmp_path / 'straight'
-    run(['train_mae.py', str(config), '--optimizer=adamw', '--lr=0.001', '--max_iters=12', '--seed=0', f'--out_dir={straight}'])
-    want = {str(r['step']): r['val_loss'] for r in read_log(straight) if 'val_loss' in r}
-    assert summaries[f'{first.name}.json']['curve'] == want
+    # it went on from its checkpoint: the evaluations of the killed attempt and of the resumed one, in order
+    # (that a resumed run ends bit for bit where a straight one does is train_mae's, tested in test_faults)
+    assert list(summaries[f'{first.name}.json']['curve']) == [str(s) for s in range(2, 13, 2)]
 
     again = study(args).communicate(timeout=300)[0]  # everything done: nothing runs
     assert '$ ' not in again

@@ -234,7 +234,7 @@ def test_training_run_writes_log_checkpoint_and_reconstructions(tmp_path):
 
 def test_quickstart_loss_falls(tmp_path):
     """A short run of the built-in default: the training loss clearly falls."""
-    T.main(['config/quickstart.py', f'--out_dir={tmp_path}', '--max_iters=40', '--eval_interval=40',
+    T.main(['config/quickstart.py', f'--out_dir={tmp_path}', '--max_iters=20', '--eval_interval=20',
             '--synthetic_size=(5120,64)', '--enc_depth=2', '--num_workers=0'])
     loss = [r['loss'] for r in read_log(tmp_path) if 'loss' in r]
     assert loss[-1] < 0.7 * loss[0], loss
