@@ -329,10 +329,22 @@ def report_table(a, name):
     return '\n'.join(lines), stats
 
 
+def unready_tables(a):
+    """{table: the optimizers whose short-length sweep has not finished} for the tables that cannot run yet."""
+    missing = {name: sorted({r.optimizer for r in TABLES[name] if not sweep_runs(a, r.optimizer, a.length)})
+               for name in a.tables}
+    return {name: m for name, m in missing.items() if m}
+
+
+def ready_tables(a):
+    return [name for name in a.tables if name not in unready_tables(a)]
+
+
 def report(a):
     os.makedirs(a.results, exist_ok=True)
     parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
-             f"steps; probes `{' '.join(PROBE + tuple(a.probe_args))}`. Made by `python scripts/study.py report`.", '']
+             f"steps; probes `{' '.join(PROBE + tuple(a.probe_args))}`. Made by `python scripts/study.py report`. "
+             "Wall times: one core per run, as measured, on whatever else the machine was doing.", '']
     sweeps = {}
     parts += ['## 1. Peak-lr sweeps (seed 0, final val loss)', '']
     for iters in (a.length, 2 * a.length, 4 * a.length):
@@ -347,9 +359,11 @@ def report(a):
                 minutes = sum(r['train_s'] for r in runs.values()) / 60
                 parts.append(f"- {optimizer}, {iters} steps: {', '.join(cells)} (best {inside}; {minutes:.0f} min)")
     parts.append('')
-    for name in a.tables:
+    for name in ready_tables(a):
         text, _ = report_table(a, name)
         parts += [f"## {name}", '', text, '']
+    parts += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"
+              for name, missing in unready_tables(a).items()]
     with open(os.path.join(a.results, 'study.md'), 'w') as f:
         f.write('\n'.join(parts) + '\n')
     print('\n'.join(parts))
@@ -372,7 +386,7 @@ def plots(a, sweeps):
     ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss', title='lr sensitivity (seed 0)')
     ax.legend(fontsize=8)
     fig.savefig(os.path.join(a.results, 'lr_sensitivity.png'), dpi=120, bbox_inches='tight')
-    for name in a.tables:
+    for name in ready_tables(a):
         _, stats = report_table(a, name)
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for s in stats:
