@@ -273,9 +273,10 @@ def check_architecture(c, ckpt, keys):
 # match the checkpoint's, except:
 #  - RESUME_FREE: where and how the run runs and logs, not what it computes (the
 #    micro-batch changes only the order of a sum);
-#  - epochs, max_iters and cooldown_frac, if every step already done keeps its lr:
-#    a wsd or rsqrt run shortened to cool down from a checkpoint (cosine's every lr
-#    depends on the run's length);
+#  - epochs, max_iters and cooldown_frac of a wsd or rsqrt run, to cool it down from a
+#    checkpoint: allowed when the warmup keeps its length and neither the old nor the
+#    new cooldown has started (until then these schedules do not depend on the run's
+#    length; cosine's every lr does);
 #  - the keys named in --resume_override, which log.jsonl records.
 RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_size', 'eval_interval', 'log_interval',
                'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log', 'wandb_project',
@@ -283,9 +284,9 @@ RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_s
 RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
 
 
-def check_resume(c, ckpt, train_images, lr_schedule):
-    """The resume rule above, as one-line refusals; lr_schedule(config namespace,
-    train_images) -> (step -> lr factor). Returns {key: [old, new]} of the
+def check_resume(c, ckpt, train_images, run_length):
+    """The resume rule above, as one-line refusals; run_length(config namespace,
+    train_images) -> (total steps, warmup steps). Returns {key: [old, new]} of the
     overridden keys that changed."""
     old = ckpt['config']
     overrides = [k for k in c.resume_override.split(',') if k]
@@ -301,13 +302,15 @@ def check_resume(c, ckpt, train_images, lr_schedule):
     if ckpt.get('train_images', train_images) != train_images and 'data_dir' not in overrides:
         raise ConfigError(f"the training set has {train_images} images, the checkpoint's run had "
                           f"{ckpt['train_images']}: another data set (--resume_override=data_dir to go on anyway)")
-    done = ckpt['step']
-    before, after = lr_schedule(type(c)(**old), train_images), lr_schedule(c, train_images)
     changed = [k for k in RESUME_SCHEDULE if getattr(c, k) != old[k] and k not in overrides]
-    if changed and any(before(s) != after(s) for s in range(done)):
-        key = changed[0]
-        raise ConfigError(f"--{key}={getattr(c, key)!r} (checkpoint: {old[key]!r}) changes the lr of the {done} steps "
-                          f"already done: only a wsd/rsqrt run may be shortened, to cool down from a checkpoint")
+    if changed:
+        done, before = ckpt['step'], type(c)(**old)
+        (old_total, old_warmup), (total, warmup) = run_length(before, train_images), run_length(c, train_images)
+        cooldown_starts = (old_total - round(before.cooldown_frac * old_total), total - round(c.cooldown_frac * total))
+        if c.schedule not in ('wsd', 'rsqrt') or warmup != old_warmup or min(cooldown_starts) < done:
+            raise ConfigError(f"--{changed[0]}={getattr(c, changed[0])!r} (checkpoint: {old[changed[0]]!r}) changes the "
+                              f"lr of the {done} steps already done: only a wsd/rsqrt run may be shortened, to cool "
+                              f"down from a checkpoint")
     return {k: [old[k], getattr(c, k)] for k in overrides if old[k] != getattr(c, k)}
 
 

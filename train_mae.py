@@ -736,7 +736,7 @@ def main(argv):
     step, best_val, overridden = 0, float('inf'), {}
     if ckpt is not None:
         harness.check_architecture(c, ckpt, ARCH_KEYS)
-        overridden = harness.check_resume(c, ckpt, len(train_set), run_schedule)
+        overridden = harness.check_resume(c, ckpt, len(train_set), run_length)
         try:
             model.load_state_dict(ckpt['model'])
             for opt, state in zip(optimizers, ckpt['optimizers'], strict=True):
