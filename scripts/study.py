@@ -211,10 +211,13 @@ def sweep_runs(a, optimizer, iters):
 
 
 def best_lr(a, optimizer, iters):
+    """The tuned lr: the best of a finished sweep whose best lies inside it."""
     runs = sweep_runs(a, optimizer, iters)
-    if not runs:
-        sys.exit(f"error: no finished {optimizer} runs of length {iters}: run the sweep phase first")
-    return min(runs, key=lambda lr: runs[lr]['final_val'])
+    best = min(runs, key=lambda lr: runs[lr]['final_val']) if runs else None
+    if best is None or best in (min(runs), max(runs)):
+        sys.exit(f"error: the {optimizer} sweep at {iters} steps is unfinished (its best lr is not inside it): "
+                 f"run or finish the sweep phase first")
+    return best
 
 
 def sweep(a):
