@@ -210,11 +210,17 @@ def sweep_runs(a, optimizer, iters):
     return runs
 
 
-def best_lr(a, optimizer, iters):
-    """The tuned lr: the best of a finished sweep whose best lies inside it."""
+def tuned_lr(a, optimizer, iters):
+    """The best lr of the optimizer's sweep at iters steps if it lies inside the sweep, else None
+    (not run yet, or still being widened)."""
     runs = sweep_runs(a, optimizer, iters)
     best = min(runs, key=lambda lr: runs[lr]['final_val']) if runs else None
-    if best is None or best in (min(runs), max(runs)):
+    return best if runs and min(runs) < best < max(runs) else None
+
+
+def best_lr(a, optimizer, iters):
+    best = tuned_lr(a, optimizer, iters)
+    if best is None:
         sys.exit(f"error: the {optimizer} sweep at {iters} steps is unfinished (its best lr is not inside it): "
                  f"run or finish the sweep phase first")
     return best
@@ -333,8 +339,8 @@ def report_table(a, name):
 
 
 def unready_tables(a):
-    """{table: the optimizers whose short-length sweep has not finished} for the tables that cannot run yet."""
-    missing = {name: sorted({r.optimizer for r in TABLES[name] if not sweep_runs(a, r.optimizer, a.length)})
+    """{table: the optimizers without a tuned lr at the short length} for the tables that cannot run yet."""
+    missing = {name: sorted({r.optimizer for r in TABLES[name] if tuned_lr(a, r.optimizer, a.length) is None})
                for name in a.tables}
     return {name: m for name, m in missing.items() if m}
 
