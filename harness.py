@@ -207,13 +207,13 @@ def make_out_dir(out_dir):
         raise ConfigError(f"--out_dir={out_dir!r} is not writable: {e}")
 
 
-def save_checkpoint(path, obj):
-    """Atomic: write a temporary file, fsync, rename. A crash or a full disk
-    while saving leaves the previous checkpoint as it was."""
+def write_atomic(path, write):
+    """write(file) into path.tmp, fsync, rename: path is whole or as it was, whenever
+    the job dies or the disk fills (an error removes the temporary file)."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -221,6 +221,11 @@ def save_checkpoint(path, obj):
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(path, obj):
+    """Atomic (write_atomic): a crash or a full disk while saving leaves the previous checkpoint as it was."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_checkpoint(out_dir, state, keep):

@@ -78,15 +78,6 @@ def init_worker():
     Image.core.set_blocks_max(8)  # what the PILLOW_BLOCKS_MAX environment variable sets
 
 
-def write_atomic(path, write):
-    """write(file) into path.tmp, fsync, rename: path is whole or absent, whenever the job dies."""
-    with open(path + '.tmp', 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + '.tmp', path)
-
-
 def shard_rows_path(dst, split, k):
     return os.path.join(dst, f'{split}_{k:05d}.npy')
 
@@ -108,8 +99,8 @@ def pack_shard(job):
             rows.append((f.tell(), len(data), label))
             f.write(data)
 
-    write_atomic(PackedImages.shard_path(dst, split, k), write)
-    write_atomic(shard_rows_path(dst, split, k), lambda f: np.save(f, np.array(rows, np.int64).reshape(-1, 3)))
+    harness.write_atomic(PackedImages.shard_path(dst, split, k), write)
+    harness.write_atomic(shard_rows_path(dst, split, k), lambda f: np.save(f, np.array(rows, np.int64).reshape(-1, 3)))
     return len(samples), errors
 
 
@@ -131,7 +122,7 @@ def begin(dst, manifest):
             raise SystemExit(f"error: {dst} is not empty and not an unfinished packed copy: choose a new or empty DST")
         try:
             os.makedirs(dst, exist_ok=True)
-            write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            harness.write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         except OSError as e:
             raise SystemExit(f"error: cannot write {dst}: {e}")
         return
@@ -160,12 +151,12 @@ def finish(dst, src, sources, manifest, per_shard):
                              f"{len(source)} (or their labels differ): remove {dst} and prepare it again")
         packed = rows[:, 1] > 0
         index = np.column_stack([np.repeat(np.arange(shards), [len(p) for p in parts]), rows])[packed]
-        write_atomic(os.path.join(dst, f'{split}.npy'), lambda f: np.save(f, index))
+        harness.write_atomic(os.path.join(dst, f'{split}.npy'), lambda f: np.save(f, index))
         skipped_files += [os.path.relpath(source.samples[i][0], src) for i in np.flatnonzero(~packed)]
         splits[split] = dict(images=int(packed.sum()), skipped=int((~packed).sum()), shards=shards,
                              bytes=int(rows[:, 1].sum()))
     index = dict(manifest, splits=splits, skipped_files=skipped_files)
-    write_atomic(os.path.join(dst, PACKED_INDEX), lambda f: f.write(json.dumps(index, indent=1).encode()))
+    harness.write_atomic(os.path.join(dst, PACKED_INDEX), lambda f: f.write(json.dumps(index, indent=1).encode()))
     return splits
 
 

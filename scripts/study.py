@@ -345,10 +345,6 @@ def unready_tables(a):
     return {name: m for name, m in missing.items() if m}
 
 
-def ready_tables(a):
-    return [name for name in a.tables if name not in unready_tables(a)]
-
-
 def report(a):
     os.makedirs(a.results, exist_ok=True)
     parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
@@ -368,18 +364,19 @@ def report(a):
                 minutes = sum(r['train_s'] for r in runs.values()) / 60
                 parts.append(f"- {optimizer}, {iters} steps: {', '.join(cells)} (best {inside}; {minutes:.0f} min)")
     parts.append('')
-    for name in ready_tables(a):
-        text, _ = report_table(a, name)
+    unready = unready_tables(a)
+    tables = {name: report_table(a, name) for name in a.tables if name not in unready}  # name -> (text, stats)
+    for name, (text, _) in tables.items():
         parts += [f"## {name}", '', text, '']
     parts += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"
-              for name, missing in unready_tables(a).items()]
+              for name, missing in unready.items()]
     with open(os.path.join(a.results, 'study.md'), 'w') as f:
         f.write('\n'.join(parts) + '\n')
     print('\n'.join(parts))
-    plots(a, sweeps)
+    plots(a, sweeps, {name: stats for name, (_, stats) in tables.items()})
 
 
-def plots(a, sweeps):
+def plots(a, sweeps, tables):
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -395,8 +392,7 @@ def plots(a, sweeps):
     ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss', title='lr sensitivity (seed 0)')
     ax.legend(fontsize=8)
     fig.savefig(os.path.join(a.results, 'lr_sensitivity.png'), dpi=120, bbox_inches='tight')
-    for name in ready_tables(a):
-        _, stats = report_table(a, name)
+    for name, stats in tables.items():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for s in stats:
             if not s['runs']:
