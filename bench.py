@@ -9,7 +9,9 @@ train        one training step of train_mae's model and optimizers on synthetic 
 muon_step    muon.Muon vs torch.optim.Muon on the MAE's Linear weights, random gradients; under
              `torchrun --nproc_per_node=N bench.py --only=muon_step`, per rank with the work split N ways
 loader       train crops/s of the real JPEG pipeline per DataLoader worker count, from the ImageFolder
-             and from scripts/prepare_data.py's packed copies of it (and their ratio), and PIL decode alone
+             and from scripts/prepare_data.py's packed copies of it, with the crop resized in the
+             workers (PIL) or on the device (the workers only decode), each as a ratio to the folder
+             resized in the workers; the device's resize time per crop; PIL decode alone
 probe_sweep  probe.py's 30-setting lr x wd sweep vs a single setting
 optim_state  optimizer-state bytes per parameter, per optimizer and state_dtype (adafactor: Zhai et al.'s)
 
@@ -266,8 +268,8 @@ def bench_loader(c):
         cpus = os.cpu_count()
         workers = c.loader_workers or tuple(2 ** k for k in range(int(math.log2(cpus)) + 1))
 
-        def crops_per_sec(source, w, rnd):  # round rnd reads its own steps: other crops than the last round's
-            dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale)
+        def crops_per_sec(source, on_device, w, rnd):  # round rnd reads its own steps: other crops than the last's
+            dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale, on_device)
             first = max(1, w)  # every worker's first batch arrives at about the same time: not timed
             steps = first + c.loader_batches
             sampler = train_mae.TrainBatches(n, mb, mb, 0, 1, c.seed, rnd * steps, (rnd + 1) * steps)
@@ -279,17 +281,27 @@ def bench_loader(c):
                 pass
             return c.loader_batches * mb / (time.perf_counter() - t0)  # the iterator dies here: its workers stop
 
+        variants = [(path, resize) for path in sources for resize in ('loader', 'device')]
         for w in workers:
-            rates = {path: [] for path in sources}
+            rates = {v: [] for v in variants}
             for r in range(c.loader_rounds):  # interleaved: on a shared machine only ratios in one run count
-                for path, source in sources.items():
-                    rates[path].append(crops_per_sec(source, w, r))
-            folder_rate = statistics.median(rates['folder'])
-            for path, per_round in rates.items():
+                for path, resize in variants:
+                    rates[path, resize].append(crops_per_sec(sources[path], resize == 'device', w, r))
+            today = statistics.median(rates['folder', 'loader'])
+            for (path, resize), per_round in rates.items():
                 rate = statistics.median(per_round)
-                yield dict(name='loader', stage='MAEDataset train pipeline', path=path, workers=w, imgs_per_sec=rate,
-                           imgs_per_sec_per_worker=rate / max(1, w), ratio=rate / folder_rate,
+                yield dict(name='loader', stage='MAEDataset train pipeline', path=path, resize=resize, workers=w,
+                           imgs_per_sec=rate, imgs_per_sec_per_worker=rate / max(1, w), ratio=rate / today,
                            img_size=c.img_size, micro_batch_size=mb, rounds=c.loader_rounds, cpus=cpus)
+        # what the device does instead: resize one micro-batch of the last packed copy's crops
+        dev = c.device if c.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+        dataset = train_mae.MAEDataset(sources[path], c.img_size, True, num_patches, c.seed, c.crop_scale, True)
+        batch = train_mae.collate([dataset[0, i] for i in range(mb)])
+        imgs, crop = batch.imgs.to(dev).permute(0, 3, 1, 2).float(), batch.crop.to(dev)
+        per_batch = statistics.median(seconds(lambda: train_mae.resized_crops(imgs, crop, c.img_size), dev)
+                                      for _ in range(5))
+        yield dict(name='loader', stage='resize on the device', path=path, device=device_name(dev),
+                   imgs_per_sec=mb / per_batch, micro_batch_size=mb, input_hw=list(imgs.shape[2:]))
 
 
 def bench_probe_sweep(c):

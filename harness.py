@@ -168,6 +168,18 @@ def setup(c):
     return Runtime(ddp, rank, local_rank, world, dev, autocast)
 
 
+@contextlib.contextmanager
+def exact_float32(device):
+    """float32 matmuls as float32: autocast off and, on CUDA, TF32 off (setup turns it on)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def resolve_dtype(dtype, device):
     """'auto' is bfloat16 autocast on CUDA, float32 elsewhere."""
     return dtype if dtype != 'auto' else 'bfloat16' if device.startswith('cuda') else 'float32'

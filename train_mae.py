@@ -41,6 +41,8 @@ data_dir = ''  # ImageFolder root with train/ and val/ (ImageNet layout), its sc
 synthetic_size = (10000, 1000)  # (train, val) images of the built-in 'synthetic' data set
 crop_scale = (0.2, 1.0)  # RandomResizedCrop area range (MAE's)
 num_workers = 10  # DataLoader worker processes per GPU (JPEG decoding)
+crop_resize = 'auto'  # where train crops are resized: 'loader' (PIL, in the workers), 'device' (the same bicubic
+#                       weights as matrices, batched on the device; the workers only decode), 'auto' = device on CUDA
 # model
 img_size = 224
 patch_size = 16
@@ -95,8 +97,9 @@ wandb_log = False  # also log to Weights & Biases (an optional extra: pip instal
 wandb_project = 'nanomae'
 wandb_run_name = ''  # '' = wandb's generated name
 CONFIG = harness.settings(globals(), _names_before_config)  # every constant above, by name
-CHOICES = dict(norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'), optimizer=('adamw', 'muon', 'lamb', 'adafactor'),
-               muon_adjust_lr=('original', 'match_rms_adamw'), muon_ns_dtype=('auto', 'bfloat16', 'float32'),
+CHOICES = dict(crop_resize=('auto', 'loader', 'device'), norm=('layernorm', 'rmsnorm'), stem=('patch', 'conv'),
+               optimizer=('adamw', 'muon', 'lamb', 'adafactor'), muon_adjust_lr=('original', 'match_rms_adamw'),
+               muon_ns_dtype=('auto', 'bfloat16', 'float32'),
                state_dtype=('float32', 'bfloat16'), schedule=('cosine', 'wsd', 'rsqrt'), init_from=('scratch', 'resume'),
                dtype=('auto', 'bfloat16', 'float32'), device=('auto', 'cuda', 'cpu'))  # the string settings' values
 
@@ -463,20 +466,22 @@ def random_resized_crop(W, H, scale, rng, ratio=(3 / 4, 4 / 3)):
     return (W - w) // 2, (H - h) // 2, w, h
 
 
-class Sample(NamedTuple):  # batched by the DataLoader into the same fields, stacked
-    imgs: torch.Tensor  # uint8 [S, S, 3]
+class Sample(NamedTuple):  # batched by the DataLoader (collate) into the same fields
+    imgs: torch.Tensor  # uint8 [S, S, 3]; resizing on the device: [h, w, 3], the part of the image the crop reads
     labels: int
     noise: torch.Tensor  # [L] mask noise: the smallest int(L * (1 - mask_ratio)) are visible
     skipped: int  # unreadable files skipped to make this sample
+    crop: torch.Tensor  # [0]; resizing on the device: [7] x0, y0, w, h of the crop in imgs, imgs' w and h, flip
 
 
 class MAEDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, i): returns a Sample. Train: RandomResizedCrop + flip;
     val: the short side resized to S * 256/224, then the centre S x S."""
 
-    def __init__(self, source, img_size, train, num_patches, seed, crop_scale=(0.2, 1.0)):
+    def __init__(self, source, img_size, train, num_patches, seed, crop_scale=(0.2, 1.0), resize_on_device=False):
         self.source, self.img_size, self.train = source, img_size, train
         self.num_patches, self.seed, self.crop_scale = num_patches, seed, crop_scale
+        self.resize_on_device = resize_on_device and train  # val keeps PIL's centre crop
         self.warnings = 0
 
     def __len__(self):
@@ -489,8 +494,8 @@ class MAEDataset(torch.utils.data.Dataset):
         for skipped in range(min(len(self.source), 100)):  # unreadable: take the next file, count the skip
             j = (i + skipped) % len(self.source)
             try:
-                img, label = self.load(j, rng)
-                return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped)
+                img, label, crop = self.load(j, rng)
+                return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped, crop)
             except UNREADABLE as e:
                 if self.warnings < 3:  # per worker: a few lines, not a flood; the count goes in the log
                     print(f"warning: skipping unreadable image {self.source.name(j)}: {e}", file=sys.stderr)
@@ -509,13 +514,28 @@ class MAEDataset(torch.utils.data.Dataset):
         if img.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale while the crop keeps >= S pixels
             img.draft('RGB', (math.ceil(W * S / w), math.ceil(H * S / h)))
         sx, sy = img.size[0] / W, img.size[1] / H
-        img = to_rgb(img).resize((S, S), Image.BICUBIC, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
-        if self.train and rng.random() < 0.5:
+        box = np.float32([x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy])  # PIL takes a box as C floats
+        flip = self.train and rng.random() < 0.5
+        # decode, then keep the pixels the resize reads: the box and bicubic's reach (2 px, widened when shrinking)
+        reach = 2 * np.maximum(1, (box[2:] - box[:2]) / S) + 1
+        part = [*np.maximum(0, np.floor(box[:2] - reach)), *np.minimum(img.size, np.ceil(box[2:] + reach))]
+        img = img.crop([int(v) for v in part])  # decodes
+        img = img if img.mode == 'RGB' else to_rgb(img)
+        box -= np.float32(part[:2] * 2)  # exact: a float32 less a whole number of pixels
+        x0, y0, x1, y1 = box.tolist()
+        if self.resize_on_device:
+            crop = [x0, y0, *(box[2:] - box[:2]), *img.size, flip]  # spans in float32, as PIL computes them
+            return img, label, torch.tensor(crop, dtype=torch.float64)
+        # PIL's bicubic resize as two explicit passes, horizontal first, as Pillow <= 12 always did (13
+        # picks an order per image; the order matters where a first pass clips), and as resized_crops
+        img = img.resize((S, img.height), Image.BICUBIC, box=(x0, 0, x1, img.height))
+        img = img.resize((S, S), Image.BICUBIC, box=(0, y0, S, y1))
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img, label
+        return img, label, torch.zeros(0)
 
 
-def build_datasets(c, num_patches):
+def build_datasets(c, num_patches, resize_on_device=False):
     """(train, val) MAEDatasets for config c; num_patches=0 draws no mask noise."""
     if c.data_dir == 'synthetic':
         sources = [Synthetic(n, c.img_size, split, c.seed) for n, split in zip(c.synthetic_size, ('train', 'val'))]
@@ -527,7 +547,8 @@ def build_datasets(c, num_patches):
     else:
         train = ImageFolder(os.path.join(c.data_dir, 'train'))
         sources = [train, ImageFolder(os.path.join(c.data_dir, 'val'), train.classes)]
-    return [MAEDataset(s, c.img_size, train, num_patches, c.seed, c.crop_scale) for s, train in zip(sources, (True, False))]
+    return [MAEDataset(s, c.img_size, train, num_patches, c.seed, c.crop_scale, resize_on_device)
+            for s, train in zip(sources, (True, False))]
 
 
 class TrainBatches:
@@ -555,7 +576,17 @@ class TrainBatches:
 
 def make_loader(dataset, batch_sampler, num_workers, pin):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       pin_memory=pin, persistent_workers=num_workers > 0)
+                                       collate_fn=collate, pin_memory=pin, persistent_workers=num_workers > 0)
+
+
+def collate(samples):
+    """Samples -> one Sample of batched fields; images of different sizes (the parts
+    a device resize reads) are zero-padded at the bottom and right to the largest."""
+    h, w = (max(s.imgs.shape[k] for s in samples) for k in (0, 1))
+    imgs = torch.zeros(len(samples), h, w, 3, dtype=torch.uint8)
+    for img, s in zip(imgs, samples):
+        img[:s.imgs.shape[0], :s.imgs.shape[1]] = s.imgs
+    return Sample(imgs, *torch.utils.data.default_collate([s[1:] for s in samples]))
 
 
 def val_batches(n, micro_batch_size, rank, world):
@@ -564,11 +595,49 @@ def val_batches(n, micro_batch_size, rank, world):
     return [[(0, i) for i in mine[k:k + micro_batch_size]] for k in range(0, len(mine), micro_batch_size)]
 
 
-def to_device(imgs, device):
-    """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W] on device (the host sends bytes)."""
-    imgs = imgs.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+def to_device(imgs, device, crop=None, size=None):
+    """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W] on device (the host sends bytes);
+    with crop [N, 7] (loader built with resize_on_device), resized to size x size there."""
+    imgs = imgs.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if crop is not None and crop.numel():
+        imgs = resized_crops(imgs, crop.to(device, non_blocking=True), size)
     mean, std = imagenet_stats(device)
-    return (imgs - mean) / std
+    return (imgs.div_(255) - mean) / std
+
+
+def bicubic(t, a=-0.5):
+    """The bicubic kernel PIL resizes with (a = -0.5, support 2)."""
+    t = t.abs()
+    inner, outer = ((a + 2) * t - (a + 3)) * t * t + 1, (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, inner, torch.where(t < 2, outer, 0))
+
+
+def resize_weights(start, length, extent, pixels, out):
+    """PIL's bicubic resize of the span [start, start + length) of an axis to `out`
+    pixels, as matrices [N, out, pixels]: output i is centred at start + (i + 0.5) *
+    scale; shrinking widens the kernel by the scale (antialiasing); the pixels at or
+    past `extent` are padding and weigh nothing; each row sums to 1."""
+    scale = length / out  # start, length, extent: [N, 1, 1]
+    centre = start + (torch.arange(out, device=start.device)[:, None] + 0.5) * scale
+    x = torch.arange(pixels, device=start.device) + 0.5
+    w = bicubic((x - centre) / scale.clamp(min=1)) * (x < extent)
+    w = w / w.sum(-1, keepdim=True)
+    return torch.round(w * 2 ** 22) / 2 ** 22  # PIL's 8-bit path: 22-bit fixed-point weights (rounded half away from 0)
+
+
+def resized_crops(imgs, crop, size):
+    """Crop, resize and flip a batch on the device as the loader's PIL path does:
+    per image, PIL's weights as two matrices (the flip reverses the horizontal one),
+    applied as batched matmuls, horizontal pass first, each rounded to 8 bits as
+    PIL's. float [N, 3, H, W] in 0..255 -> [N, 3, size, size]. PIL's pixels up to
+    float32 rounding next to a half (tested: ~2e-5 of the values differ, by 1-2)."""
+    x0, y0, w, h, W, H, flip = crop.double().T[..., None, None]
+    horizontal = resize_weights(x0, w, W, imgs.shape[3], size)
+    horizontal = torch.where(flip > 0, horizontal.flip(1), horizontal).float()
+    vertical = resize_weights(y0, h, H, imgs.shape[2], size).float()
+    with harness.exact_float32(imgs.device):  # no TF32, no bf16 autocast: the rounding needs ~1e-5 accuracy
+        imgs = torch.matmul(imgs, horizontal.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)
+        return torch.matmul(vertical[:, None], imgs).add_(0.5).floor_().clamp_(0, 255)
 
 
 @functools.cache
@@ -686,7 +755,7 @@ def evaluate(model, loader, device, autocast):
 @torch.no_grad()
 def save_reconstructions(model, dataset, path, device, n=8):
     """recon.png: rows of original | masked | reconstruction (visible patches pasted in)."""
-    batch = torch.utils.data.default_collate([dataset[(0, i)] for i in range(min(n, len(dataset)))])
+    batch = collate([dataset[(0, i)] for i in range(min(n, len(dataset)))])
     x = to_device(batch.imgs, device)
     _, pred, ids_masked = model(x, batch.noise.to(device))
     target = model.patchify(x)
@@ -723,7 +792,8 @@ def main(argv):
 
     torch.manual_seed(c.seed)  # the same initial weights on every rank
     model = build_model(c).to(dev)
-    train_set, val_set = build_datasets(c, model.num_patches)
+    resize_on_device = c.crop_resize == 'device' or c.crop_resize == 'auto' and dev.startswith('cuda')
+    train_set, val_set = build_datasets(c, model.num_patches, resize_on_device)
     if len(train_set) < c.batch_size:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
     total, warmup = run_length(c, len(train_set))
@@ -780,7 +850,8 @@ def main(argv):
                 sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
                 with contextlib.nullcontext() if sync else train_model.no_sync():
                     with rt.autocast:
-                        loss, _, _ = train_model(to_device(batch.imgs, dev), batch.noise.to(dev, non_blocking=True))
+                        imgs = to_device(batch.imgs, dev, batch.crop, c.img_size)
+                        loss, _, _ = train_model(imgs, batch.noise.to(dev, non_blocking=True))
                     (loss / accum).backward()
                 loss_sum += loss.detach() / accum
                 skipped += batch.skipped.sum()

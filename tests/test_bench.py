@@ -34,14 +34,19 @@ def test_bench_prints_every_bench_as_json(tmp_path):
     assert train['device'].startswith('cpu')
     [muon] = by_name['muon_step']
     assert muon['ours_ms'] > 0 and muon['torch_ms'] > 0 and muon['speedup'] > 0
-    # PIL alone, then 0 and 1 workers, each from the folder and from its packed copy
-    loader = [(r['stage'], r['path'], r['workers']) for r in by_name['loader']]
-    assert loader == [('PIL decode alone', 'folder', 0), ('PIL decode alone', 'packed256', 0)] + [
-        ('MAEDataset train pipeline', path, w) for w in (0, 1) for path in ('folder', 'packed256')]
+    # PIL alone, then 0 and 1 workers, each from the folder and from its packed copy, resized in the
+    # workers and on the device; then the device's resize alone
+    loader = [(r['stage'], r['path'], r.get('resize'), r.get('workers')) for r in by_name['loader']]
+    assert loader == [('PIL decode alone', 'folder', None, 0), ('PIL decode alone', 'packed256', None, 0)] + [
+        ('MAEDataset train pipeline', path, resize, w) for w in (0, 1) for path in ('folder', 'packed256')
+        for resize in ('loader', 'device')] + [('resize on the device', 'packed256', None, None)]
     assert all(r['imgs_per_sec'] > 0 for r in by_name['loader'])
     pipeline = [r for r in by_name['loader'] if r['stage'] == 'MAEDataset train pipeline']
-    for folder, packed in zip(pipeline[::2], pipeline[1::2]):  # per worker count; ratios as printed, 4 digits
-        assert folder['ratio'] == 1 and packed['ratio'] == pytest.approx(packed['imgs_per_sec'] / folder['imgs_per_sec'], 1e-3)
+    for per_workers in (pipeline[:4], pipeline[4:]):  # ratios to the folder resized in the workers, 4 digits
+        today = per_workers[0]
+        assert today['ratio'] == 1
+        for r in per_workers[1:]:
+            assert r['ratio'] == pytest.approx(r['imgs_per_sec'] / today['imgs_per_sec'], 1e-3)
     [sweep] = by_name['probe_sweep']
     assert sweep['configs'] == 30 and sweep['sweep_s'] > 0 and sweep['single_s'] > 0
 

@@ -71,10 +71,11 @@ def test_the_packed_copy_has_the_folders_classes_labels_and_images(source, tmp_p
             assert np.abs(np.asarray(img, float) - expected).mean() < 3  # JPEG at quality 90: ~1.5 (other images: ~70)
 
 
-def test_training_on_the_packed_copy_resumes_exactly(source, tmp_path):
+@pytest.mark.parametrize('crop_resize', ['loader', 'device'])
+def test_training_on_the_packed_copy_resumes_exactly(source, tmp_path, crop_resize):
     prepare(source, tmp_path / 'packed')
     args = TINY + [f'--data_dir={tmp_path / "packed"}', '--batch_size=8', '--micro_batch_size=4', '--max_iters=4',
-                   '--eval_interval=2']
+                   '--eval_interval=2', f'--crop_resize={crop_resize}']
     # the straight run reads the shards in a forked DataLoader worker, the resumed one in the main process
     T.main(args + [f'--out_dir={tmp_path / "straight"}', '--keep_ckpts=5', '--num_workers=1'])
     os.makedirs(tmp_path / 'resumed')
@@ -85,6 +86,28 @@ def test_training_on_the_packed_copy_resumes_exactly(source, tmp_path):
     assert resumed['step'] == straight['step'] == 4 and straight['train_images'] == 24
     for k, v in straight['model'].items():
         assert torch.equal(v, resumed['model'][k]), k
+
+
+def test_crops_resized_on_the_device_have_the_loaders_pixels(source, tmp_path):
+    """The device path (the worker sends the part of the image a crop reads; batched
+    matmuls resize it) against PIL in the worker, crop for crop: from the folder and
+    the packed copy, shrinking (JPEG draft decoding at img_size 16) and enlarging, flipped
+    and not. Only PIL's fixed-point weights differ: a few values, by 1."""
+    prepare(source, tmp_path / 'packed')
+    for data in (source, tmp_path / 'packed'):
+        for size in (16, 40):
+            c = T.SimpleNamespace(**{**T.CONFIG, 'data_dir': str(data), 'img_size': size})
+            (pil, _), (device, _) = (T.build_datasets(c, 4, on) for on in (False, True))
+            keys = [(epoch, i) for epoch in range(4) for i in range(len(pil))]
+            want = T.collate([pil[k] for k in keys])
+            got = T.collate([device[k] for k in keys])
+            assert want.crop.shape == (len(keys), 0) and got.crop.shape == (len(keys), 7)
+            assert 0 < got.crop[:, 6].sum() < len(keys)  # flipped and not
+            assert torch.equal(want.noise, got.noise) and torch.equal(want.labels, got.labels)
+            resized = T.to_device(got.imgs, 'cpu', got.crop, size)
+            diff = (resized - T.to_device(want.imgs, 'cpu')) * torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1) * 255
+            assert diff.abs().max() < 1 + 1e-3, (data, size)
+            assert (diff.abs() > 0.5).float().mean() < 1e-3, (data, size)
 
 
 def test_an_interrupted_prepare_resumes_and_completes(source, tmp_path):

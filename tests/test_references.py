@@ -283,7 +283,7 @@ def test_each_image_of_a_batch_draws_its_own_crop_flip_and_mask(tmp_path):
     assert len({tuple(s.noise.tolist()) for s in v}) == n
     # workers draw what the main process draws: the randomness is (seed, epoch, index), not a process's state
     batches = T.TrainBatches(n, 16, 8, 0, 1, 0, 0, 6)
-    here = [torch.utils.data.default_collate([train[k] for k in b]) for b in batches]
+    here = [T.collate([train[k] for k in b]) for b in batches]
     there = list(T.make_loader(train, batches, num_workers=2, pin=False))
     assert len(here) == len(there) == 12
     for a, b in zip(here, there):
@@ -327,7 +327,7 @@ def test_train_and_val_crop_pixels_match_crops_made_here(tmp_path):
     train, _ = T.build_datasets(cfg(f'--data_dir={root}', '--img_size=32', '--crop_scale=(0.2,0.6)', '--seed=3'), 16)
     flips = []
     for epoch in range(12):
-        x, _, noise, _ = train[(epoch, 0)]
+        x, _, noise, _, _ = train[(epoch, 0)]
         want, want_noise = reference_train_crop(img, 32, 16, 3, epoch, 0, (0.2, 0.6))
         got = x.numpy().astype(int)
         np.testing.assert_array_equal(noise.numpy(), want_noise)
@@ -387,7 +387,7 @@ def test_loss_falls_below_what_a_decoder_blind_to_positions_reaches(tmp_path):
     model = T.build_model(c)
     model.load_state_dict(torch.load(out / 'ckpt.pt', weights_only=True)['model'])
     _, val = T.build_datasets(c, model.num_patches)
-    imgs, _, noise, _ = torch.utils.data.default_collate([val[(0, i)] for i in range(len(val))])
+    imgs, _, noise, _, _ = T.collate([val[(0, i)] for i in range(len(val))])
     with torch.no_grad():
         torch.testing.assert_close(model(T.to_device(imgs, 'cpu'), noise)[0].item(), val_loss, rtol=1e-4, atol=0)
         model.decoder_pos_embed.zero_()

@@ -69,8 +69,8 @@ def test_synthetic_is_deterministic_labelled_and_structured():
 def test_samples_depend_only_on_seed_epoch_and_index():
     c = cfg()
     train, _ = T.build_datasets(c, 16)
-    x1, y1, n1, _ = train[(3, 5)]
-    x2, y2, n2, _ = train[(3, 5)]
+    x1, y1, n1, _, _ = train[(3, 5)]
+    x2, y2, n2, _, _ = train[(3, 5)]
     assert torch.equal(x1, x2) and torch.equal(n1, n2) and y1 == y2 and x1.dtype == torch.uint8
     assert not torch.equal(train[(4, 5)][2], n1)  # a new mask each epoch
     loaders = [list(T.make_loader(train, T.TrainBatches(256, 16, 8, 0, 1, 0, 0, 3), w, False)) for w in (0, 2)]
@@ -116,7 +116,7 @@ def test_image_folder_reads_jpeg_png_and_odd_modes(tmp_path):
     labels = [train[(0, i)][1] for i in range(len(train))]
     assert labels == [0] * 3 + [1] * 8
     for i in range(len(train)):
-        x, _, noise, skipped = train[(0, i)]
+        x, _, noise, skipped, _ = train[(0, i)]
         assert x.shape == (32, 32, 3) and x.dtype == torch.uint8 and noise.shape == (16,) and skipped == 0
     x = T.to_rgb(Image.open(folder / 'deep.png'))
     assert x.mode == 'RGB' and abs(int(np.asarray(x)[0, 0, 0]) - 40000 // 256) <= 1  # 16 bit: scaled, not clipped
