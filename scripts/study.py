@@ -163,6 +163,8 @@ def train(a, run):
                           (['--init_from=resume'] if resume else []) + a.train_args)
         with open(os.path.join(out_dir, 'log.jsonl')) as f:
             curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r}
+        if max(curve, default=0) != run.iters:  # stopped by a signal: train_mae.py saved and exited
+            sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
         summary = dict(run._asdict(), name=run.name, config=os.path.relpath(a.config, ROOT),
                        curve=curve, final_val=curve[max(curve)], train_s=spent + seconds, probes={})
         save(a, run, summary)
@@ -226,34 +228,39 @@ def best_lr(a, optimizer, iters):
     return best
 
 
+def tune(a, optimizer, iters, lrs):
+    """Train optimizer at iters steps (seed 0) at each of lrs, then one more lr 2x
+    beyond the edge while the best lies on it, so the best ends inside."""
+    lrs = sorted(set(lrs) | set(sweep_runs(a, optimizer, iters)))
+    while True:
+        for lr in lrs:
+            train(a, Run(optimizer, lr, iters))
+        done = sweep_runs(a, optimizer, iters)
+        if a.dry_run or set(lrs) - set(done):
+            return  # other processes are still on some
+        best = min(done, key=lambda lr: done[lr]['final_val'])
+        if best == min(lrs) and best / 2 >= 1e-6:
+            lrs.insert(0, best / 2)
+        elif best == max(lrs) and best * 2 <= 1.0:
+            lrs.append(best * 2)
+        else:
+            print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {iters} steps")
+            return
+
+
 def sweep(a):
-    """Each optimizer's peak lr at the short length, seed 0: the grid LRS, then one
-    more lr 2x beyond the edge while the best lies on it, so the best ends inside."""
+    """Each optimizer's peak lr at the short length: the grid LRS, widened until the best is inside."""
     for optimizer in a.optimizers:
-        lrs = sorted(set(a.lrs) | set(sweep_runs(a, optimizer, a.length)))
-        while True:
-            for lr in lrs:
-                train(a, Run(optimizer, lr, a.length))
-            done = sweep_runs(a, optimizer, a.length)
-            if a.dry_run or set(lrs) - set(done):
-                break  # other processes are still on some
-            best = min(done, key=lambda lr: done[lr]['final_val'])
-            if best == min(lrs) and best / 2 >= 1e-6:
-                lrs.insert(0, best / 2)
-            elif best == max(lrs) and best * 2 <= 1.0:
-                lrs.append(best * 2)
-            else:
-                print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {a.length} steps")
-                break
+        tune(a, optimizer, a.length, a.lrs)
 
 
 def lengths(a):
     """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
-    interpolation), each at 3 lrs: half, at and twice its best at the short length."""
+    interpolation), each at half, at and twice its best at the short length,
+    widened until the best is inside."""
     for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
         best = best_lr(a, optimizer, a.length)
-        for lr in (best, best / 2, best * 2):
-            train(a, Run(optimizer, lr, f * a.length))
+        tune(a, optimizer, f * a.length, (best, best / 2, best * 2))
 
 
 def table_runs(a, row, seed):
@@ -337,6 +344,63 @@ def report_table(a, name):
     return '\n'.join(lines), stats
 
 
+def best_run(runs):
+    best = min(runs, key=lambda lr: runs[lr]['final_val'])
+    return best, runs[best]['final_val'], min(runs) < best < max(runs)
+
+
+def steps_to_reach(points, target):
+    """The run length at which a curve of (length, final val loss) points, decreasing
+    with length, reaches target: linear in log(length) between the two lengths around
+    it. None if no length reaches it (and the longest is a lower bound), 0 if all do."""
+    points = sorted(points)
+    if points[0][1] <= target:
+        return 0.0
+    for (n0, v0), (n1, v1) in zip(points, points[1:]):
+        if v0 > target >= v1:
+            return math.exp(math.log(n0) + (v0 - target) / (v0 - v1) * (math.log(n1) - math.log(n0)))
+    return None
+
+
+def lengths_section(a, sweeps, blog):
+    """AdamW against Muon at each length, each at its best lr, and Muon's speedup."""
+    L = a.length
+    lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr (seed 0)', '',
+             '| steps | AdamW: best lr, final val | Muon: best lr, final val | Muon - AdamW |', '|---|---|---|---|']
+    best = {}
+    for iters in (L, 2 * L, 4 * L):
+        cells = []
+        for optimizer in ('adamw', 'muon'):
+            if (optimizer, iters) in sweeps:
+                lr, v, inside = best_run(sweeps[optimizer, iters])
+                best[optimizer, iters] = v
+                cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
+            else:
+                cells.append('–')
+        diff = (f"{best['muon', iters] - best['adamw', iters]:+.4f}"
+                if ('muon', iters) in best and ('adamw', iters) in best else '–')
+        lines.append(f"| {iters} | {cells[0]} | {cells[1]} | {diff} |")
+    if ('muon', L) not in best:
+        return lines
+    # the seed noise of one final val loss at the short length, from the blog table's 3 seeds
+    sds = [s['val'][1] for s in (blog or []) if s['val'] and s['val'][2] > 1 and s['row'].flags == ()]
+    sd = math.sqrt(np.mean(np.square(sds))) if sds else math.nan
+    adamw = [(n, v) for (o, n), v in best.items() if o == 'adamw']
+    target = best['muon', L]
+    lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
+              f"final val loss at {L} steps ({target:.4f}), over {L}; interpolated linearly in log(steps) between "
+              f"AdamW's lengths. Its uncertainty moves the target by ±2·sqrt(2)·SD, SD = {sd:.4f} the pooled seed SD "
+              f"of one run's final val loss (the blog table's AdamW and Muon rows, 3 seeds each)."]
+    def speedup(t):
+        e = steps_to_reach(adamw, t)
+        return (f"more than {max(n for n, _ in adamw) / L:g}x (no AdamW length reaches it)" if e is None else
+                f"at most {min(n for n, _ in adamw) / L:g}x (every AdamW length reaches it)" if e == 0 else f"{e / L:.2f}x")
+    noise = 2 * math.sqrt(2) * sd
+    lines.append(f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
+                 f" (range {speedup(target - noise)} to {speedup(target + noise)})") + '.')
+    return lines
+
+
 def unready_tables(a):
     """{table: the optimizers without a tuned lr at the short length} for the tables that cannot run yet."""
     missing = {name: sorted({r.optimizer for r in TABLES[name] if tuned_lr(a, r.optimizer, a.length) is None})
@@ -365,6 +429,7 @@ def report(a):
     parts.append('')
     unready = unready_tables(a)
     tables = {name: report_table(a, name) for name in a.tables if name not in unready}  # name -> (text, stats)
+    parts += lengths_section(a, sweeps, tables.get('blog', (None, None))[1]) + ['']
     for name, (text, _) in tables.items():
         parts += [f"## {name}", '', text, '']
     parts += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"
@@ -391,6 +456,15 @@ def plots(a, sweeps, tables):
     ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss', title='lr sensitivity (seed 0)')
     ax.legend(fontsize=8)
     fig.savefig(os.path.join(a.results, 'lr_sensitivity.png'), dpi=120, bbox_inches='tight')
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (optimizer, iters), runs in sorted(sweeps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        lr, _, _ = best_run(runs)
+        curve = {int(k): v for k, v in runs[lr]['curve'].items()}
+        ax.plot(sorted(curve), [curve[k] for k in sorted(curve)], '-' if optimizer == 'muon' else '--',
+                label=f"{optimizer}, {iters} steps, lr {lr:g}")
+    ax.set(xlabel='optimizer step', ylabel='val loss', yscale='log', title='each length at its best lr (seed 0)')
+    ax.legend(fontsize=8)
+    fig.savefig(os.path.join(a.results, 'lengths_val_loss.png'), dpi=120, bbox_inches='tight')
     for name, stats in tables.items():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for s in stats:

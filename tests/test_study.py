@@ -61,3 +61,33 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
     again = study(args).communicate(timeout=300)[0]  # everything done: nothing runs
     assert '$ ' not in again
     assert {f: json.load(open(results / 'runs' / f)) for f in os.listdir(results / 'runs')} == summaries
+
+
+def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(tmp_path):
+    """SIGTERM (preemption) makes train_mae.py save and exit cleanly before the end:
+    the study must stop with an error, not record the run's last val loss as final."""
+    config = tmp_path / 'tiny.py'
+    config.write_text(TINY_CONFIG)
+    results, out = tmp_path / 'results', tmp_path / 'out'
+    p = study(['sweep', f'--config={config}', '--optimizers=adamw', '--lrs=4e-3', '--length=400',
+               f'--results={results}', f'--out={out}'])
+    log = out / 'adamw_lr0.004_len400_seed0' / 'log.jsonl'
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count('"val_loss"') >= 1):
+        assert p.poll() is None and time.time() < deadline, p.communicate()[0]
+        time.sleep(0.05)
+    child = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(child[0]), signal.SIGTERM)  # the train_mae.py process only
+    printed = p.communicate(timeout=120)[0]
+    assert p.returncode != 0 and 'stopped at step' in printed and 'of 400' in printed, printed
+    assert not (results / 'runs').exists() or not os.listdir(results / 'runs')
+
+
+def test_steps_to_reach_interpolates_in_log_steps():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import study as S
+    points = [(320, 0.33), (640, 0.31), (1280, 0.29)]
+    assert abs(S.steps_to_reach(points, 0.30) - 640 * 2 ** 0.5) < 1e-9  # halfway in log(steps)
+    assert abs(S.steps_to_reach(points, 0.31) - 640) < 1e-9
+    assert S.steps_to_reach(points, 0.28) is None  # beyond the longest run: only a lower bound
+    assert S.steps_to_reach(points, 0.34) == 0.0  # the shortest already reaches it
