@@ -244,8 +244,9 @@ def final_params(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
 
 
-@pytest.mark.parametrize('optimizer,tol', [('adamw', 1e-5), ('muon', 2e-3)])
-def test_two_process_torchrun_matches_one_process(tmp_path, optimizer, tol):
+@pytest.mark.parametrize('optimizer,tol,crop_resize', [('adamw', 1e-5, 'loader'), ('muon', 2e-3, 'loader'),
+                                                        ('adamw', 1e-5, 'device')])
+def test_two_process_torchrun_matches_one_process(tmp_path, optimizer, tol, crop_resize):
     # bias=False: a key bias has an exactly zero true gradient (softmax ignores shifts), and Adam
     # would blow its float noise, which differs with the reduction order, up to full-size steps.
     # The tolerances: the reduction order moves each gradient by fp32 rounding (~1e-7 relative);
@@ -253,7 +254,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path, optimizer, tol):
     # Newton-Schulz input may round to another bf16 value (2^-8 relative, on CPUs with native
     # bf16), so each step moves by up to 2^-8 x lr x its shape scale (0.2 sqrt(256)): ~4e-5 a
     # step, ~1e-4 in 3, under 2e-3. A wrong run (another batch, a missed all-reduce) is off by ~lr.
-    args = TINY + ['--max_iters=3', '--eval_interval=3', f'--optimizer={optimizer}', '--lr=3e-3', '--bias=False']
+    args = TINY + ['--max_iters=3', '--eval_interval=3', f'--optimizer={optimizer}', '--lr=3e-3', '--bias=False',
+                   f'--crop_resize={crop_resize}']  # device: each rank resizes its own micro-batches
     run(args + [f'--out_dir={tmp_path / "one"}', '--micro_batch_size=4'])  # accumulation 4
     run(args + [f'--out_dir={tmp_path / "two"}', '--micro_batch_size=4'], torchrun=2)  # 2 ranks x accumulation 2
     one, two = final_params(tmp_path / 'one'), final_params(tmp_path / 'two')
