@@ -300,7 +300,7 @@ def bench_loader(c):
         imgs, crop = batch.imgs.to(dev).permute(0, 3, 1, 2).float(), batch.crop.to(dev)
         per_batch = statistics.median(seconds(lambda: train_mae.resized_crops(imgs, crop, c.img_size), dev)
                                       for _ in range(5))
-        yield dict(name='loader', stage='resize on the device', path=path, device=device_name(dev),
+        yield dict(name='loader', stage='resize on the device', path=path, device=device_name(dev), workers=0,
                    imgs_per_sec=mb / per_batch, micro_batch_size=mb, input_hw=list(imgs.shape[2:]))
 
 

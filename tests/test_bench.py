@@ -39,7 +39,7 @@ def test_bench_prints_every_bench_as_json(tmp_path):
     loader = [(r['stage'], r['path'], r.get('resize'), r.get('workers')) for r in by_name['loader']]
     assert loader == [('PIL decode alone', 'folder', None, 0), ('PIL decode alone', 'packed256', None, 0)] + [
         ('MAEDataset train pipeline', path, resize, w) for w in (0, 1) for path in ('folder', 'packed256')
-        for resize in ('loader', 'device')] + [('resize on the device', 'packed256', None, None)]
+        for resize in ('loader', 'device')] + [('resize on the device', 'packed256', None, 0)]
     assert all(r['imgs_per_sec'] > 0 for r in by_name['loader'])
     pipeline = [r for r in by_name['loader'] if r['stage'] == 'MAEDataset train pipeline']
     for per_workers in (pipeline[:4], pipeline[4:]):  # ratios to the folder resized in the workers, 4 digits
