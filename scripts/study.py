@@ -341,6 +341,12 @@ def report_table(a, name):
               f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
               f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
               f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders."]
+    floor = stats[-1] if name != 'probe_optimizer' else None
+    below = [f"{s['row'].name} ({head})" for s in stats[:-1] for head in ('attentive', 'linear')
+             if floor and s[head] and floor[head] and s[head][0] <= floor[head][0]]
+    if below:
+        lines.append(f"Not above the random encoder's mean, so no evidence of a learnt representation: "
+                     f"{', '.join(below)}.")
     return '\n'.join(lines), stats
 
 
@@ -397,7 +403,8 @@ def lengths_section(a, sweeps, blog):
                 f"at most {min(n for n, _ in adamw) / L:g}x (every AdamW length reaches it)" if e == 0 else f"{e / L:.2f}x")
     noise = 2 * math.sqrt(2) * sd
     lines.append(f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
-                 f" (range {speedup(target - noise)} to {speedup(target + noise)})") + '.')
+                 f" (from {speedup(target + noise)} with the target up by the noise to {speedup(target - noise)} "
+                 f"with it down)") + '.')
     return lines
 
 
