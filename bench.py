@@ -294,6 +294,7 @@ def bench_loader(c):
                            imgs_per_sec=rate, imgs_per_sec_per_worker=rate / max(1, w), ratio=rate / today,
                            img_size=c.img_size, micro_batch_size=mb, rounds=c.loader_rounds, cpus=cpus)
         # what the device does instead: resize one micro-batch of the last packed copy's crops
+        path = list(sources)[-1]
         dev = c.device if c.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
         dataset = train_mae.MAEDataset(sources[path], c.img_size, True, num_patches, c.seed, c.crop_scale, True)
         batch = train_mae.collate([dataset[0, i] for i in range(mb)])
