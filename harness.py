@@ -289,15 +289,15 @@ def check_architecture(c, ckpt, keys):
 # The resume rule. A resume continues the run in the checkpoint, so every key must
 # match the checkpoint's, except:
 #  - RESUME_FREE: where and how the run runs and logs, not what it computes (the
-#    micro-batch changes only the order of a sum);
+#    micro-batch changes only the order of a sum, crop_resize where PIL's resize runs);
 #  - epochs, max_iters and cooldown_frac of a wsd or rsqrt run, to cool it down from a
 #    checkpoint: allowed when the warmup keeps its length and neither the old nor the
 #    new cooldown has started (until then these schedules do not depend on the run's
 #    length; cosine's every lr does);
 #  - the keys named in --resume_override, which log.jsonl records.
-RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'micro_batch_size', 'eval_interval', 'log_interval',
-               'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log', 'wandb_project',
-               'wandb_run_name')
+RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'crop_resize', 'micro_batch_size', 'eval_interval',
+               'log_interval', 'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log',
+               'wandb_project', 'wandb_run_name')
 RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
 
 

@@ -99,9 +99,11 @@ def test_legitimate_changes_resume_and_continue_the_same_run(tmp_path):
     T.main(base + [f'--out_dir={tmp_path / "straight"}'])
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
     # other eval/log intervals, workers, kept checkpoints: the same arithmetic, bit for bit;
-    # another micro-batch: the same images, masks and updates, the gradient summed in another order
+    # another micro-batch: the same images, masks and updates, the gradient summed in another order;
+    # the resize on the device: the same crops, a few pixel values rounded the other way
     for name, changes in (('same', ['--eval_interval=1', '--log_interval=2', '--num_workers=1', '--keep_ckpts=0']),
-                          ('micro', ['--micro_batch_size=4'])):
+                          ('micro', ['--micro_batch_size=4']),
+                          ('resize', ['--crop_resize=device'])):  # PIL's pixels but for ~2e-5 of values, by 1
         os.makedirs(tmp_path / name)
         os.link(tmp_path / 'straight' / 'ckpt_2.pt', tmp_path / name / 'ckpt.pt')
         T.main(TINY + ['--max_iters=4', f'--out_dir={tmp_path / name}', '--init_from=resume'] + changes)
