@@ -296,7 +296,7 @@ def resolution(sds, n):
     """The smallest difference of two rows' means that 2 standard errors resolve,
     with the table's pooled seed SD: 2 * sqrt(2 / n) * sd."""
     sds = [s for s in sds if not math.isnan(s)]
-    return 2 * math.sqrt(2 / n) * math.sqrt(np.mean(np.square(sds))) if sds else math.nan
+    return 2 * math.sqrt(2 / n) * math.sqrt(np.mean(np.square(sds))) if sds and n > 1 else math.nan
 
 
 def delta(m, base, digits):
@@ -333,7 +333,7 @@ def report_table(a, name):
             cells += [fmt(s[key], digits), 'baseline' if i == 0 else '–' if s[key] is None or base[key] is None
                       else delta(s[key], base[key], digits)]
         lines.append('| ' + ' | '.join(cells + [row.blog or '–']) + ' |')
-    n = len(a.seeds)
+    n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
     res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key in ('val', 'attentive', 'linear')}
     lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row; "
               f"* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2). With {n} seeds and this table's pooled seed SD, the smallest "
