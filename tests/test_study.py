@@ -62,6 +62,13 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
     assert '$ ' not in again
     assert {f: json.load(open(results / 'runs' / f)) for f in os.listdir(results / 'runs')} == summaries
 
+    # the report lists the sweep with its best marked, and waits for the tables' other sweeps
+    report = study(['report', f'--config={config}', '--length=12', f'--results={results}', f'--out={out}'])
+    assert report.communicate(timeout=300)[0] and report.returncode == 0
+    text = (results / 'study.md').read_text()
+    assert f"**{best:g}: {summaries[next(f for f in summaries if summaries[f]['lr'] == best)]['final_val']:.4f}**" in text
+    assert 'adamw, 12 steps' in text and '(best inside;' in text and 'it needs the sweeps of' in text
+
 
 def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(tmp_path):
     """SIGTERM (preemption) makes train_mae.py save and exit cleanly before the end:
