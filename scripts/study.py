@@ -389,22 +389,30 @@ def lengths_section(a, sweeps, blog):
     if ('muon', L) not in best:
         return lines
     # the seed noise of one final val loss at the short length, from the blog table's 3 seeds
-    sds = [s['val'][1] for s in (blog or []) if s['val'] and s['val'][2] > 1 and s['row'].flags == ()]
-    sd = math.sqrt(np.mean(np.square(sds))) if sds else math.nan
+    rows = [s['val'] for s in (blog or []) if s['val'] and s['val'][2] > 1 and s['row'].flags == ()]
+    sd = math.sqrt(np.mean(np.square([r[1] for r in rows]))) if rows else math.nan
+    seeds = min((r[2] for r in rows), default=0)
     adamw = [(n, v) for (o, n), v in best.items() if o == 'adamw']
     target = best['muon', L]
     lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
               f"final val loss at {L} steps ({target:.4f}), over {L}; interpolated linearly in log(steps) between "
               f"AdamW's lengths. Its uncertainty moves the target by ±2·sqrt(2)·SD, SD = {sd:.4f} the pooled seed SD "
-              f"of one run's final val loss (the blog table's AdamW and Muon rows, 3 seeds each)."]
+              f"of one run's final val loss (the blog table's AdamW and Muon rows, {seeds} seeds each)."]
+
     def speedup(t):
         e = steps_to_reach(adamw, t)
         return (f"more than {max(n for n, _ in adamw) / L:g}x (no AdamW length reaches it)" if e is None else
-                f"at most {min(n for n, _ in adamw) / L:g}x (every AdamW length reaches it)" if e == 0 else f"{e / L:.2f}x")
+                f"at most {min(n for n, _ in adamw) / L:g}x (every AdamW length reaches it)" if e == 0 else
+                f"{e / L:.2f}x")
     noise = 2 * math.sqrt(2) * sd
     lines.append(f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
                  f" (from {speedup(target + noise)} with the target up by the noise to {speedup(target - noise)} "
                  f"with it down)") + '.')
+    longest = max(n for n, _ in adamw)
+    for iters in (2 * L, 4 * L):
+        if ('muon', iters) in best and steps_to_reach(adamw, best['muon', iters]) is None:
+            lines.append(f"Muon's final val loss at {iters} steps ({best['muon', iters]:.4f}): no AdamW run reaches it "
+                         f"(the longest, {longest} steps, ends at {dict(adamw)[longest]:.4f}).")
     return lines
 
 
