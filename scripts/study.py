@@ -373,13 +373,14 @@ def lengths_section(a, sweeps, blog):
     L = a.length
     lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr (seed 0)', '',
              '| steps | AdamW: best lr, final val | Muon: best lr, final val | Muon - AdamW |', '|---|---|---|---|']
-    best = {}
+    best, tuned = {}, set()
     for iters in (L, 2 * L, 4 * L):
         cells = []
         for optimizer in ('adamw', 'muon'):
             if (optimizer, iters) in sweeps:
                 lr, v, inside = best_run(sweeps[optimizer, iters])
                 best[optimizer, iters] = v
+                tuned |= {(optimizer, iters)} if inside else set()
                 cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
             else:
                 cells.append('–')
@@ -392,11 +393,13 @@ def lengths_section(a, sweeps, blog):
     rows = [s['val'] for s in (blog or []) if s['val'] and s['val'][2] > 1 and s['row'].flags == ()]
     sd = math.sqrt(np.mean(np.square([r[1] for r in rows]))) if rows else math.nan
     seeds = min((r[2] for r in rows), default=0)
-    adamw = [(n, v) for (o, n), v in best.items() if o == 'adamw']
+    adamw = [(n, v) for (o, n), v in best.items() if (o, n) in tuned and o == 'adamw']
+    if not adamw:
+        return lines
     target = best['muon', L]
     lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
               f"final val loss at {L} steps ({target:.4f}), over {L}; interpolated linearly in log(steps) between "
-              f"AdamW's lengths. Its uncertainty moves the target by ±2·sqrt(2)·SD, SD = {sd:.4f} the pooled seed SD "
+              f"AdamW's lengths whose sweep has its best inside ({', '.join(str(n) for n, _ in sorted(adamw))}). Its uncertainty moves the target by ±2·sqrt(2)·SD, SD = {sd:.4f} the pooled seed SD "
               f"of one run's final val loss (the blog table's AdamW and Muon rows, {seeds} seeds each)."]
 
     def speedup(t):
