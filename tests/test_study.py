@@ -70,6 +70,19 @@ def test_sweep_widens_resumes_an_interrupted_run_and_skips_finished_ones(tmp_pat
     assert 'adamw, 12 steps' in text and '(best inside;' in text and 'it needs the sweeps of' in text
 
 
+def children(pid):
+    """The pids whose parent is pid, from /proc (stat's 4th field, after the parenthesised name)."""
+    found = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or gone
+    return found
+
+
 def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(tmp_path):
     """SIGTERM (preemption) makes train_mae.py save and exit cleanly before the end:
     the study must stop with an error, not record the run's last val loss as final."""
@@ -83,8 +96,7 @@ def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(tmp_path):
     while not (log.exists() and log.read_text().count('"val_loss"') >= 1):
         assert p.poll() is None and time.time() < deadline, p.communicate()[0]
         time.sleep(0.05)
-    child = subprocess.run(['pgrep', '-P', str(p.pid)], capture_output=True, text=True).stdout.split()
-    os.kill(int(child[0]), signal.SIGTERM)  # the train_mae.py process only
+    os.kill(children(p.pid)[0], signal.SIGTERM)  # the train_mae.py process only
     printed = p.communicate(timeout=120)[0]
     assert p.returncode != 0 and 'stopped at step' in printed and 'of 400' in printed, printed
     assert not (results / 'runs').exists() or not os.listdir(results / 'runs')
