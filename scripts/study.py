@@ -257,10 +257,71 @@ def sweep(a):
 def lengths(a):
     """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
     interpolation), each at half, at and twice its best at the short length,
-    widened until the best is inside."""
+    widened until the best is inside; then both at their 4x best for the other seeds."""
     for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
         best = best_lr(a, optimizer, a.length)
         tune(a, optimizer, f * a.length, (best, best / 2, best * 2))
+    for seed in a.seeds[1:]:
+        for optimizer in ('adamw', 'muon'):
+            best = tuned_lr(a, optimizer, 4 * a.length)
+            if best is not None:  # else its sweep is still being widened by another process
+                train(a, Run(optimizer, best, 4 * a.length, seed))
+
+
+def seeds(a):
+    """One setting (--optimizers, --lrs and --length, all single) over the seeds, each
+    probed (probe seed = its seed) against a random encoder of the same seed, and the
+    first seed's encoder under every other probe seed too: whether the probes' spread
+    comes from pretraining or from the probe. Writes seeds.md to --results."""
+    if len(a.optimizers) != 1 or len(a.lrs) != 1:
+        sys.exit("error: the seeds phase runs one setting: give one --optimizers and one --lrs")
+    runs = [Run(a.optimizers[0], a.lrs[0], a.length, seed) for seed in a.seeds]
+    for run in runs:
+        train(a, run)
+        probe(a, run)
+        probe(a, run, random_encoder=True)
+    for seed in a.seeds[1:]:
+        probe(a, runs[0], (f'--seed={seed}',))
+    done = [s for s in map(lambda r: load(a, r), runs) if s and {'default', 'random'} <= set(s['probes'])]
+    if not a.dry_run and done:
+        report_seeds(a, done)
+
+
+def report_seeds(a, done):
+    heads = ('attentive', 'linear')
+    lines = [f"# `{os.path.relpath(a.config, ROOT)}` over {len(done)} seeds", '',
+             f"{done[0]['optimizer']}, lr {done[0]['lr']:g}, {done[0]['iters']} steps; probes "
+             f"`{' '.join(PROBE + tuple(a.probe_args))}`, probe seed = pretraining seed. "
+             "Made by `python scripts/study.py seeds`.", '',
+             '| seed | final val loss | attentive | random encoder | margin | linear | random encoder | margin |',
+             '|---|---|---|---|---|---|---|---|']
+    margin = {h: [s['probes']['default'][h] - s['probes']['random'][h] for s in done] for h in heads}
+    for i, s in enumerate(done):
+        cells = [str(s['seed']), f"{s['final_val']:.4f}"]
+        for h in heads:
+            cells += [f"{s['probes']['default'][h]:.3f}", f"{s['probes']['random'][h]:.3f}", f"{margin[h][i]:+.3f}"]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    cells = ['mean ± SD', fmt(mean_sd([s['final_val'] for s in done]), 4)]
+    for h in heads:
+        cells += [fmt(mean_sd([s['probes'][k][h] for s in done]), 3) for k in ('default', 'random')]
+        cells.append(fmt(mean_sd(margin[h]), 3))
+    lines += ['| ' + ' | '.join(cells) + ' |', '']
+    first = done[0]
+    same = {k: v for k, v in first['probes'].items() if k == 'default' or k.startswith('seed=')}
+    if len(same) > 1:
+        lines += [f"Seed {first['seed']}'s encoder under {len(same)} probe seeds (probe weights, data order, "
+                  "and the built-in data set's draw):", '']
+        for h in heads:
+            probe_sd = mean_sd([p[h] for p in same.values()])
+            total_sd = mean_sd([s['probes']['default'][h] for s in done])
+            lines.append(f"- {h}: {', '.join(f'{p[h]:.3f}' for p in same.values())}; SD {probe_sd[1]:.3f} "
+                         f"against {total_sd[1]:.3f} across pretraining seeds (pretraining and probe seed both "
+                         f"changing): the probe seed alone accounts for "
+                         f"{min(1.0, probe_sd[1] ** 2 / total_sd[1] ** 2):.0%} of the variance.")
+    os.makedirs(a.results, exist_ok=True)
+    with open(os.path.join(a.results, 'seeds.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
 
 
 def table_runs(a, row, seed):
@@ -371,22 +432,29 @@ def steps_to_reach(points, target):
 def lengths_section(a, sweeps, blog):
     """AdamW against Muon at each length, each at its best lr, and Muon's speedup."""
     L = a.length
-    lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr (seed 0)', '',
-             '| steps | AdamW: best lr, final val | Muon: best lr, final val | Muon - AdamW |', '|---|---|---|---|']
+    lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr', '',
+             '| steps | AdamW: best lr, final val (seed 0) | Muon: best lr, final val (seed 0) | Muon - AdamW '
+             '| AdamW at its best lr, seeds | Muon at its best lr, seeds | Muon - AdamW |', '|---|---|---|---|---|---|---|']
     best, tuned = {}, set()
     for iters in (L, 2 * L, 4 * L):
-        cells = []
+        cells, seeds = [], {}
         for optimizer in ('adamw', 'muon'):
             if (optimizer, iters) in sweeps:
                 lr, v, inside = best_run(sweeps[optimizer, iters])
                 best[optimizer, iters] = v
                 tuned |= {(optimizer, iters)} if inside else set()
                 cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
+                runs = [r for r in (load(a, Run(optimizer, lr, iters, s)) for s in a.seeds) if r]
+                seeds[optimizer] = mean_sd([r['final_val'] for r in runs])
             else:
                 cells.append('–')
-        diff = (f"{best['muon', iters] - best['adamw', iters]:+.4f}"
-                if ('muon', iters) in best and ('adamw', iters) in best else '–')
-        lines.append(f"| {iters} | {cells[0]} | {cells[1]} | {diff} |")
+        both = ('muon', iters) in best and ('adamw', iters) in best
+        cells.append(f"{best['muon', iters] - best['adamw', iters]:+.4f}" if both else '–')
+        cells += [fmt(seeds.get(o), 4) for o in ('adamw', 'muon')]
+        cells.append(delta(seeds['muon'], seeds['adamw'], 4) if both else '–')
+        lines.append(f"| {iters} | {' | '.join(cells)} |")
+    lines += ['', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr, "
+              "* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2)."]
     if ('muon', L) not in best:
         return lines
     # the seed noise of one final val loss at the short length, from the blog table's 3 seeds
@@ -500,7 +568,7 @@ def plots(a, sweeps, tables):
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report'))
+    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report', 'seeds'))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
@@ -519,7 +587,7 @@ def main(argv):
     for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report)[a.phase](a)
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds)[a.phase](a)
 
 
 if __name__ == '__main__':

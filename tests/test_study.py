@@ -110,3 +110,25 @@ def test_steps_to_reach_interpolates_in_log_steps():
     assert abs(S.steps_to_reach(points, 0.31) - 640) < 1e-9
     assert S.steps_to_reach(points, 0.28) is None  # beyond the longest run: only a lower bound
     assert S.steps_to_reach(points, 0.34) == 0.0  # the shortest already reaches it
+
+
+def test_seeds_phase_probes_each_seed_against_a_random_encoder_and_the_first_under_every_probe_seed(tmp_path):
+    config = tmp_path / 'tiny.py'
+    config.write_text(TINY_CONFIG)
+    results, out = tmp_path / 'results', tmp_path / 'out'
+    args = ['seeds', f'--config={config}', '--optimizers=adamw', '--lrs=4e-3', '--length=4', '--seeds=2',
+            '--probe_args=--epochs=1 --lrs=(1e-2,) --wds=(0.0,)', f'--results={results}', f'--out={out}']
+    p = study(args)
+    printed = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, printed
+    probes = [c for c in printed.splitlines() if c.startswith('$ ') and 'probe.py' in c]
+    assert len(probes) == 5  # each seed and its random encoder, then seed 0's encoder under probe seed 1
+    assert '--seed=0' in probes[-1] and probes[-1].endswith("--seed=1 --epochs=1 '--lrs=(1e-2,)' '--wds=(0.0,)'")
+    first, second = (json.load(open(results / 'runs' / f'adamw_lr0.004_len4_seed{s}.json')) for s in (0, 1))
+    assert set(first['probes']) == {'default', 'random', 'seed=1'} and set(second['probes']) == {'default', 'random'}
+    text = (results / 'seeds.md').read_text()
+    for s in (first, second):  # each seed's row, its margin the direct difference
+        margin = s['probes']['default']['linear'] - s['probes']['random']['linear']
+        assert f"| {s['seed']} | {s['final_val']:.4f} |" in text and f"{margin:+.3f} |" in text
+    assert "Seed 0's encoder under 2 probe seeds" in text
+    assert study(args).communicate(timeout=300)[0].count('$ ') == 0  # all done: nothing runs again
