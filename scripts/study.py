@@ -3,8 +3,10 @@
 its own tuned peak lr, compared at the end of training, at two run lengths; the
 architecture rows at Muon's tuned lr; 3 seeds; probes against a random encoder.
 
-    python scripts/study.py sweep     # 1. peak-lr sweep of each optimizer at the short length, widened until the best is inside
-    python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best
+    python scripts/study.py sweep     # 1. each optimizer's peak-lr sweep at the short length, widened till the best is inside
+    python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best;
+                                      #    then the 4x best of each at the other seeds
+    python scripts/study.py seeds     # one setting (e.g. the quick start's) over seeds, against a random encoder
     python scripts/study.py tables    # 3. the blog's rows, the probe experiment, the papers' flags: 3 seeds, probed
     python scripts/study.py report    # tables and plots of what has finished -> results/study/
 
@@ -429,61 +431,57 @@ def steps_to_reach(points, target):
     return None
 
 
-def lengths_section(a, sweeps, blog):
+def lengths_section(a, sweeps):
     """AdamW against Muon at each length, each at its best lr, and Muon's speedup."""
     L = a.length
     lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr', '',
-             '| steps | AdamW: best lr, final val (seed 0) | Muon: best lr, final val (seed 0) | Muon - AdamW '
-             '| AdamW at its best lr, seeds | Muon at its best lr, seeds | Muon - AdamW |', '|---|---|---|---|---|---|---|']
-    best, tuned = {}, set()
+             '| steps | AdamW: best lr, final val (seed 0) | Muon: best lr, final val (seed 0) '
+             '| AdamW at its best lr, seeds | Muon at its best lr, seeds | Muon - AdamW |', '|---|---|---|---|---|---|']
+    mean, tuned = {}, set()  # (optimizer, iters) -> mean_sd of the final val over the seeds at the best lr
     for iters in (L, 2 * L, 4 * L):
-        cells, seeds = [], {}
+        cells = []
         for optimizer in ('adamw', 'muon'):
             if (optimizer, iters) in sweeps:
                 lr, v, inside = best_run(sweeps[optimizer, iters])
-                best[optimizer, iters] = v
                 tuned |= {(optimizer, iters)} if inside else set()
                 cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
                 runs = [r for r in (load(a, Run(optimizer, lr, iters, s)) for s in a.seeds) if r]
-                seeds[optimizer] = mean_sd([r['final_val'] for r in runs])
+                mean[optimizer, iters] = mean_sd([r['final_val'] for r in runs])
             else:
                 cells.append('–')
-        both = ('muon', iters) in best and ('adamw', iters) in best
-        cells.append(f"{best['muon', iters] - best['adamw', iters]:+.4f}" if both else '–')
-        cells += [fmt(seeds.get(o), 4) for o in ('adamw', 'muon')]
-        cells.append(delta(seeds['muon'], seeds['adamw'], 4) if both else '–')
+        cells += [fmt(mean.get((o, iters)), 4) for o in ('adamw', 'muon')]
+        both = ('muon', iters) in mean and ('adamw', iters) in mean
+        cells.append(delta(mean['muon', iters], mean['adamw', iters], 4) if both else '–')
         lines.append(f"| {iters} | {' | '.join(cells)} |")
-    lines += ['', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr, "
-              "* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2)."]
-    if ('muon', L) not in best:
+    lines += ['', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr; "
+              "Δ marked * where |Δ| > 2·sqrt(s1²/n1 + s2²/n2)."]
+    adamw = [(n, mean[o, n][0]) for o, n in sorted(tuned) if o == 'adamw']
+    if ('muon', L) not in mean or not adamw:
         return lines
-    # the seed noise of one final val loss at the short length, from the blog table's 3 seeds
-    rows = [s['val'] for s in (blog or []) if s['val'] and s['val'][2] > 1 and s['row'].flags == ()]
-    sd = math.sqrt(np.mean(np.square([r[1] for r in rows]))) if rows else math.nan
-    seeds = min((r[2] for r in rows), default=0)
-    adamw = [(n, v) for (o, n), v in best.items() if (o, n) in tuned and o == 'adamw']
-    if not adamw:
-        return lines
-    target = best['muon', L]
+    sds = [m[1] for m in mean.values() if m[2] > 1]
+    sd = math.sqrt(np.mean(np.square(sds))) if sds else math.nan  # one run's seed noise, pooled over the rows above
+    n_target, n_adamw = mean['muon', L][2], min(mean[o, n][2] for o, n in tuned if o == 'adamw')
+    target, noise = mean['muon', L][0], 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
     lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
-              f"final val loss at {L} steps ({target:.4f}), over {L}; interpolated linearly in log(steps) between "
-              f"AdamW's lengths whose sweep has its best inside ({', '.join(str(n) for n, _ in sorted(adamw))}). Its uncertainty moves the target by ±2·sqrt(2)·SD, SD = {sd:.4f} the pooled seed SD "
-              f"of one run's final val loss (the blog table's AdamW and Muon rows, {seeds} seeds each)."]
+              f"mean final val loss at {L} steps ({target:.4f}, {n_target} seeds), over {L}; interpolated linearly in "
+              f"log(steps) between the seed means of AdamW's lengths whose sweep has its best inside "
+              f"({', '.join(str(n) for n, _ in adamw)}; seeds each: at least {n_adamw}). "
+              f"Its range moves the target by ±2·SD·sqrt(1/{n_target} + 1/{n_adamw}) = ±{noise:.4f}, SD = {sd:.4f} the seed SD of one run's final "
+              f"val loss pooled over the rows above that have seeds."]
 
     def speedup(t):
         e = steps_to_reach(adamw, t)
         return (f"more than {max(n for n, _ in adamw) / L:g}x (no AdamW length reaches it)" if e is None else
                 f"at most {min(n for n, _ in adamw) / L:g}x (every AdamW length reaches it)" if e == 0 else
                 f"{e / L:.2f}x")
-    noise = 2 * math.sqrt(2) * sd
     lines.append(f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
                  f" (from {speedup(target + noise)} with the target up by the noise to {speedup(target - noise)} "
                  f"with it down)") + '.')
     longest = max(n for n, _ in adamw)
     for iters in (2 * L, 4 * L):
-        if ('muon', iters) in best and steps_to_reach(adamw, best['muon', iters]) is None:
-            lines.append(f"Muon's final val loss at {iters} steps ({best['muon', iters]:.4f}): no AdamW run reaches it "
-                         f"(the longest, {longest} steps, ends at {dict(adamw)[longest]:.4f}).")
+        if ('muon', iters) in mean and steps_to_reach(adamw, mean['muon', iters][0]) is None:
+            lines.append(f"Muon's mean final val loss at {iters} steps ({mean['muon', iters][0]:.4f}): no AdamW run "
+                         f"length reaches it (the longest, {longest} steps, ends at {dict(adamw)[longest]:.4f}).")
     return lines
 
 
@@ -515,7 +513,7 @@ def report(a):
     parts.append('')
     unready = unready_tables(a)
     tables = {name: report_table(a, name) for name in a.tables if name not in unready}  # name -> (text, stats)
-    parts += lengths_section(a, sweeps, tables.get('blog', (None, None))[1]) + ['']
+    parts += lengths_section(a, sweeps) + ['']
     for name, (text, _) in tables.items():
         parts += [f"## {name}", '', text, '']
     parts += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"

@@ -132,3 +132,39 @@ def test_seeds_phase_probes_each_seed_against_a_random_encoder_and_the_first_und
         assert f"| {s['seed']} | {s['final_val']:.4f} |" in text and f"{margin:+.3f} |" in text
     assert "Seed 0's encoder under 2 probe seeds" in text
     assert study(args).communicate(timeout=300)[0].count('$ ') == 0  # all done: nothing runs again
+
+
+def test_report_speedup_is_the_log_step_interpolation_of_the_seed_means(tmp_path):
+    """Summaries made up for the purpose: the report's speedup and its range must be
+    what the formulas give by hand."""
+    config = tmp_path / 'tiny.py'
+    config.write_text(TINY_CONFIG)
+    runs = tmp_path / 'results' / 'runs'
+    runs.mkdir(parents=True)
+
+    def summary(optimizer, lr, iters, final_val, seed=0):
+        name = f"{optimizer}_lr{lr:g}_len{iters}_seed{seed}"
+        s = dict(optimizer=optimizer, lr=lr, iters=iters, seed=seed, flags=[], name=name, config='tiny.py',
+                 curve={str(iters): final_val}, final_val=final_val, train_s=1.0, probes={})
+        (runs / f'{name}.json').write_text(json.dumps(s))
+    for iters, best in ((12, 0.330), (24, 0.310), (48, 0.290)):  # AdamW: every length bracketed at lr 2e-3
+        for lr, v in ((1e-3, best + 0.01), (2e-3, best), (4e-3, best + 0.02)):
+            summary('adamw', lr, iters, v)
+    for lr, v in ((1e-3, 0.31), (2e-3, 0.298), (4e-3, 0.32)):
+        summary('muon', lr, 12, v)
+    summary('adamw', 2e-3, 12, 0.334, seed=1)  # second seeds at the short length: means 0.332 and 0.300
+    summary('muon', 2e-3, 12, 0.302, seed=1)
+    p = study(['report', f'--config={config}', '--length=12', '--tables=blog', f'--results={tmp_path / "results"}',
+               f'--out={tmp_path / "out"}'])
+    assert p.communicate(timeout=300)[0] and p.returncode == 0
+    text = (tmp_path / 'results' / 'study.md').read_text()
+    sd = 0.004 / 2 ** 0.5  # each pair's sample SD
+    noise = 2 * sd * (1 / 2 + 1 / 1) ** 0.5
+
+    def expected(target):  # AdamW's seed means 0.332, 0.310, 0.290 at 12, 24, 48 steps
+        if target >= 0.310:
+            return 2 ** ((0.332 - target) / 0.022)
+        return 2 * 2 ** ((0.310 - target) / 0.020)
+    assert f"| 12 | 0.002, 0.3300 | 0.002, 0.2980 | 0.3320 ± 0.0028 (2) | 0.3000 ± 0.0028 (2) | -0.0320 * |" in text
+    assert f"Estimate: **{expected(0.300):.2f}x** (from {expected(0.300 + noise):.2f}x" in text
+    assert f"to {expected(0.300 - noise):.2f}x with it down" in text
