@@ -3,7 +3,7 @@
 its own tuned peak lr, compared at the end of training, at two run lengths; the
 architecture rows at Muon's tuned lr; 3 seeds; probes against a random encoder.
 
-    python scripts/study.py sweep     # 1. each optimizer's peak-lr sweep at the short length, widened till the best is inside
+    python scripts/study.py sweep     # 1. each optimizer's lr sweep at the short length, widened till the best is inside
     python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best;
                                       #    then the 4x best of each at the other seeds
     python scripts/study.py seeds     # one setting (e.g. the quick start's) over seeds, against a random encoder
@@ -466,8 +466,8 @@ def lengths_section(a, sweeps):
               f"mean final val loss at {L} steps ({target:.4f}, {n_target} seeds), over {L}; interpolated linearly in "
               f"log(steps) between the seed means of AdamW's lengths whose sweep has its best inside "
               f"({', '.join(str(n) for n, _ in adamw)}; seeds each: at least {n_adamw}). "
-              f"Its range moves the target by ±2·SD·sqrt(1/{n_target} + 1/{n_adamw}) = ±{noise:.4f}, SD = {sd:.4f} the seed SD of one run's final "
-              f"val loss pooled over the rows above that have seeds."]
+              f"Its range moves the target by ±2·SD·sqrt(1/{n_target} + 1/{n_adamw}) = ±{noise:.4f}, SD = {sd:.4f} "
+              f"the seed SD of one run's final val loss pooled over the rows above that have seeds."]
 
     def speedup(t):
         e = steps_to_reach(adamw, t)
