@@ -410,6 +410,15 @@ def report_table(a, name):
     if below:
         lines.append(f"Not above the random encoder's mean, so no evidence of a learnt representation: "
                      f"{', '.join(below)}.")
+    rows = [s for s in stats[1:] if s['runs']]  # the pairs the Δ column leaves out: rows other than the baseline
+    pairs = [f"{t['row'].name} - {s['row'].name}: {key} {delta(t[key], s[key], digits)}"
+             for key, digits in (('val', 5), ('attentive', 3), ('linear', 3))
+             for i, s in enumerate(rows) for t in rows[i + 1:]
+             if s[key] and t[key] and delta(t[key], s[key], digits).endswith('*')]
+    tried = 3 * len(rows) * (len(rows) - 1) // 2
+    if tried:
+        lines.append(f"Pairs of the other rows that differ by more than 2·sqrt(s1²/n1 + s2²/n2), of {tried} "
+                     f"comparisons (about 1 in 20 does by chance): {'; '.join(pairs) if pairs else 'none'}.")
     return '\n'.join(lines), stats
 
 

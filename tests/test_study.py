@@ -134,17 +134,18 @@ def test_seeds_phase_probes_each_seed_against_a_random_encoder_and_the_first_und
     assert study(args).communicate(timeout=300)[0].count('$ ') == 0  # all done: nothing runs again
 
 
-def test_report_speedup_is_the_log_step_interpolation_of_the_seed_means(tmp_path):
-    """Summaries made up for the purpose: the report's speedup and its range must be
-    what the formulas give by hand."""
+def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
+    """Summaries made up for the purpose: the report's speedup (the log-step interpolation
+    of the seed means), its range, and the blog table's comparisons must be what the
+    formulas give by hand."""
     config = tmp_path / 'tiny.py'
     config.write_text(TINY_CONFIG)
     runs = tmp_path / 'results' / 'runs'
     runs.mkdir(parents=True)
 
-    def summary(optimizer, lr, iters, final_val, seed=0):
-        name = f"{optimizer}_lr{lr:g}_len{iters}_seed{seed}"
-        s = dict(optimizer=optimizer, lr=lr, iters=iters, seed=seed, flags=[], name=name, config='tiny.py',
+    def summary(optimizer, lr, iters, final_val, seed=0, flags=()):
+        name = f"{optimizer}_lr{lr:g}_len{iters}{''.join('_' + f[2:].replace('=', '-') for f in flags)}_seed{seed}"
+        s = dict(optimizer=optimizer, lr=lr, iters=iters, seed=seed, flags=flags, name=name, config='tiny.py',
                  curve={str(iters): final_val}, final_val=final_val, train_s=1.0, probes={})
         (runs / f'{name}.json').write_text(json.dumps(s))
     for iters, best in ((12, 0.330), (24, 0.310), (48, 0.290)):  # AdamW: every length bracketed at lr 2e-3
@@ -154,6 +155,8 @@ def test_report_speedup_is_the_log_step_interpolation_of_the_seed_means(tmp_path
         summary('muon', lr, 12, v)
     summary('adamw', 2e-3, 12, 0.334, seed=1)  # second seeds at the short length: means 0.332 and 0.300
     summary('muon', 2e-3, 12, 0.302, seed=1)
+    for seed, v in enumerate((0.320, 0.324)):  # the blog table's no-bias row, far from the Muon row
+        summary('muon', 2e-3, 12, v, seed, flags=['--bias=False'])
     p = study(['report', f'--config={config}', '--length=12', '--tables=blog', f'--results={tmp_path / "results"}',
                f'--out={tmp_path / "out"}'])
     assert p.communicate(timeout=300)[0] and p.returncode == 0
@@ -168,3 +171,7 @@ def test_report_speedup_is_the_log_step_interpolation_of_the_seed_means(tmp_path
     assert f"| 12 | 0.002, 0.3300 | 0.002, 0.2980 | 0.3320 ± 0.0028 (2) | 0.3000 ± 0.0028 (2) | -0.0320 * |" in text
     assert f"Estimate: **{expected(0.300):.2f}x** (from {expected(0.300 + noise):.2f}x" in text
     assert f"to {expected(0.300 - noise):.2f}x with it down" in text
+    # the blog table: the two Muon rows with runs are compared with each other, beside the Δ to AdamW
+    assert f"| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
+    assert ("of 3 comparisons (about 1 in 20 does by chance): "
+            "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
