@@ -20,6 +20,11 @@ class Synthetic:
         return self.size
 
     def open(self, i):
+        img, label, _ = self.draw(i)
+        return img, label
+
+    def draw(self, i):
+        """Image i, its label and its shape's pixels (a boolean [S, S] mask)."""
         rng = np.random.default_rng([self.seed, self.split_id, i])
         label = int(rng.integers(10))
         S = self.img_size
@@ -39,4 +44,4 @@ class Synthetic:
                   (np.maximum(ax, ay) < 0.9) & ((np.floor(dx * 2.2) + np.floor(dy * 2.2)) % 2 == 0)][label]
         fg = 1 - c0 if rng.random() < 0.5 else rng.uniform(0, 1, 3)
         img = np.where(inside[..., None], fg, img) + rng.normal(0, 0.02, (S, S, 3))
-        return Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)), label
+        return Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)), label, inside

@@ -175,3 +175,29 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
     assert f"| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
     assert ("of 3 comparisons (about 1 in 20 does by chance): "
             "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
+
+
+def test_patch_loss_splits_the_val_loss_that_training_logged(tmp_path):
+    """scripts/patch_loss.py recomputes the masked-patch val loss itself: over all
+    patches it must equal train_mae's own evaluation, and both parts must be there."""
+    config = tmp_path / 'tiny.py'
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / 'run'
+    subprocess.run([sys.executable, 'train_mae.py', str(config), '--max_iters=4', f'--out_dir={out}'], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    logged = [r['val_loss'] for r in map(json.loads, open(out / 'log.jsonl')) if 'val_loss' in r][-1]
+    printed = subprocess.run([sys.executable, 'scripts/patch_loss.py', str(out / 'ckpt.pt')], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+    assert f"all {logged:.4f}; shape patches " in printed and 'background only' in printed, (logged, printed)
+    shape, background = (float(printed.split(key)[1].split()[0]) for key in ('shape patches ', 'background only '))
+    share = float(printed.split('(')[1].split('%')[0]) / 100
+    assert 0 < share < 1 and abs(share * shape + (1 - share) * background - logged) < 0.01 * logged + 1e-3
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    from synthetic import Synthetic
+    source = Synthetic(20, 64, 'val')
+    for i in range(20):  # the mask is the shape: one colour (plus the images' 0.02 noise) inside, not outside
+        img, label, inside = source.draw(i)
+        assert (img, label) == source.open(i) and 0 < inside.mean() < 1
+        pixels = np.asarray(img, dtype=np.float32) / 255
+        assert pixels[inside].std(0).max() < 0.03 < pixels[~inside].std(0).max()
