@@ -318,8 +318,9 @@ def report_seeds(a, done):
             total_sd = mean_sd([s['probes']['default'][h] for s in done])
             lines.append(f"- {h}: {', '.join(f'{p[h]:.3f}' for p in same.values())}; SD {probe_sd[1]:.3f} "
                          f"against {total_sd[1]:.3f} across pretraining seeds (pretraining and probe seed both "
-                         f"changing): the probe seed alone accounts for "
-                         f"{min(1.0, probe_sd[1] ** 2 / total_sd[1] ** 2):.0%} of the variance.")
+                         f"changing): the probe seed alone accounts for roughly "
+                         f"{min(1.0, probe_sd[1] ** 2 / total_sd[1] ** 2):.0%} of the variance (a ratio of two "
+                         f"variances from {probe_sd[2]} and {total_sd[2]} values: a rough share).")
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, 'seeds.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
