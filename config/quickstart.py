@@ -1,4 +1,4 @@
-# The built-in default: a small MAE on the built-in synthetic data, ~5 minutes on a 2-core CPU.
+# The built-in default: a small MAE on the built-in synthetic data, ~7 minutes on a 2-core CPU.
 # python train_mae.py config/quickstart.py
 data_dir = 'synthetic'
 out_dir = 'out/quickstart'
@@ -11,7 +11,7 @@ batch_size = 128
 micro_batch_size = 128
 max_iters = 600
 epochs, warmup_epochs = 10, 1
-optimizer = 'adamw'  # at this budget AdamW's encoder probed better than Muon's (one seed: README, quick start)
+optimizer = 'adamw'  # at this budget AdamW's encoder probed better than Muon's (one seed: docs/quickstart_notes.md)
 lr = 2e-3
 eval_interval = 200
 log_interval = 10
