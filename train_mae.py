@@ -334,14 +334,19 @@ class MAE(nn.Module):
             x = blk(x)
         return self.decoder_norm(x)
 
-    def forward_loss(self, imgs, pred, ids_masked):
-        """Mean squared error over the masked patches only. pred [N, M, p*p*3]
-        are the predictions for the patches ids_masked [N, M]."""
+    def masked_targets(self, imgs, ids_masked):
+        """What the predictions for the patches ids_masked [N, M] are compared with: [N, M, p*p*3]."""
         target = self.patchify(imgs)
         target = torch.gather(target, 1, ids_masked[..., None].expand(-1, -1, target.size(-1)))
         if self.norm_pix_loss:  # each patch to zero mean, unit variance (MAE's best setting)
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs, pred, ids_masked):
+        """Mean squared error over the masked patches only. pred [N, M, p*p*3]
+        are the predictions for the patches ids_masked [N, M]."""
+        target = self.masked_targets(imgs, ids_masked)
         return ((pred.to(target.dtype) - target) ** 2).mean()  # bf16 predictions in fp32
 
     def forward(self, imgs, noise):

@@ -43,10 +43,7 @@ def split_loss(path):
         items = [val[(0, i)] for i in range(start, min(start + 128, len(val)))]
         imgs = train_mae.to_device(torch.stack([s.imgs for s in items]), 'cpu')
         _, pred, ids = model(imgs, torch.stack([s.noise for s in items]))
-        target = torch.gather(model.patchify(imgs), 1, ids[..., None].expand(-1, -1, pred.size(-1)))
-        if c.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-        err = ((pred - target) ** 2).mean(-1)  # [N, masked]
+        err = ((pred - model.masked_targets(imgs, ids)) ** 2).mean(-1)  # [N, masked]
         for k, patches in enumerate(ids):
             has = shape_patches(c, source, start + k)[patches.numpy()]
             for key in (True, False):
