@@ -263,11 +263,11 @@ def lengths(a):
     for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
         best = best_lr(a, optimizer, a.length)
         tune(a, optimizer, f * a.length, (best, best / 2, best * 2))
+    best = {optimizer: tuned_lr(a, optimizer, 4 * a.length) for optimizer in ('adamw', 'muon')}
     for seed in a.seeds[1:]:
-        for optimizer in ('adamw', 'muon'):
-            best = tuned_lr(a, optimizer, 4 * a.length)
-            if best is not None:  # else its sweep is still being widened by another process
-                train(a, Run(optimizer, best, 4 * a.length, seed))
+        for optimizer, lr in best.items():
+            if lr is not None:  # else its sweep is still being widened by another process
+                train(a, Run(optimizer, lr, 4 * a.length, seed))
 
 
 def seeds(a):
@@ -284,7 +284,7 @@ def seeds(a):
         probe(a, run, random_encoder=True)
     for seed in a.seeds[1:]:
         probe(a, runs[0], (f'--seed={seed}',))
-    done = [s for s in map(lambda r: load(a, r), runs) if s and {'default', 'random'} <= set(s['probes'])]
+    done = [s for s in (load(a, r) for r in runs) if s and {'default', 'random'} <= set(s['probes'])]
     if not a.dry_run and done:
         report_seeds(a, done)
 
@@ -356,17 +356,25 @@ def fmt(m, digits):
     return '–' if m is None else f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if m[2] > 1 else '') + f" ({m[2]})"
 
 
+def pooled_sd(sds):
+    """Rows' seed SDs pooled (root mean square), leaving out rows of one seed (nan)."""
+    sds = [s for s in sds if not math.isnan(s)]
+    return math.sqrt(np.mean(np.square(sds))) if sds else math.nan
+
+
 def resolution(sds, n):
     """The smallest difference of two rows' means that 2 standard errors resolve,
     with the table's pooled seed SD: 2 * sqrt(2 / n) * sd."""
-    sds = [s for s in sds if not math.isnan(s)]
-    return 2 * math.sqrt(2 / n) * math.sqrt(np.mean(np.square(sds))) if sds and n > 1 else math.nan
+    return 2 * math.sqrt(2 / n) * pooled_sd(sds) if n > 1 else math.nan
 
 
 def delta(m, base, digits):
     """m - base, marked * where it exceeds 2 * sqrt(s1²/n1 + s2²/n2)."""
     noise = 2 * math.sqrt(m[1] ** 2 / m[2] + base[1] ** 2 / base[2])  # nan (no mark) with one seed
     return f"{m[0] - base[0]:+.{digits}f}" + (' *' if abs(m[0] - base[0]) > noise else '')
+
+
+METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: key, digits
 
 
 def report_table(a, name):
@@ -393,12 +401,12 @@ def report_table(a, name):
         row = s['row']
         lr = f"{row.optimizer} {best_lr(a, row.optimizer, a.length):g}" if s['runs'] else '–'
         cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''), lr]
-        for key, digits in (('val', 5), ('attentive', 3), ('linear', 3)):
+        for key, digits in METRICS:
             cells += [fmt(s[key], digits), 'baseline' if i == 0 else '–' if s[key] is None or base[key] is None
                       else delta(s[key], base[key], digits)]
         lines.append('| ' + ' | '.join(cells + [row.blog or '–']) + ' |')
     n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
-    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key in ('val', 'attentive', 'linear')}
+    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
     lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row; "
               f"* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2). With {n} seeds and this table's pooled seed SD, the smallest "
               f"difference of two rows it resolves (2·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
@@ -413,10 +421,10 @@ def report_table(a, name):
                      f"{', '.join(below)}.")
     rows = [s for s in stats[1:] if s['runs']]  # the pairs the Δ column leaves out: rows other than the baseline
     pairs = [f"{t['row'].name} - {s['row'].name}: {key} {delta(t[key], s[key], digits)}"
-             for key, digits in (('val', 5), ('attentive', 3), ('linear', 3))
+             for key, digits in METRICS
              for i, s in enumerate(rows) for t in rows[i + 1:]
              if s[key] and t[key] and delta(t[key], s[key], digits).endswith('*')]
-    tried = 3 * len(rows) * (len(rows) - 1) // 2
+    tried = len(METRICS) * len(rows) * (len(rows) - 1) // 2
     if tried:
         lines.append(f"Pairs of the other rows that differ by more than 2·sqrt(s1²/n1 + s2²/n2), of {tried} "
                      f"comparisons (about 1 in 20 does by chance): {'; '.join(pairs) if pairs else 'none'}.")
@@ -468,8 +476,7 @@ def lengths_section(a, sweeps):
     adamw = [(n, mean[o, n][0]) for o, n in sorted(tuned) if o == 'adamw']
     if ('muon', L) not in mean or not adamw:
         return lines
-    sds = [m[1] for m in mean.values() if m[2] > 1]
-    sd = math.sqrt(np.mean(np.square(sds))) if sds else math.nan  # one run's seed noise, pooled over the rows above
+    sd = pooled_sd([m[1] for m in mean.values()])  # one run's seed noise, pooled over the rows above
     n_target, n_adamw = mean['muon', L][2], min(mean[o, n][2] for o, n in tuned if o == 'adamw')
     target, noise = mean['muon', L][0], 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
     lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
