@@ -20,6 +20,7 @@ an idea, fork: change config/study.py or the rows below, pass --results and --ou
 and run the same four commands.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -388,11 +389,12 @@ def report_table(a, name):
         stats.append(dict(row=row, runs=runs, val=mean_sd([r['final_val'] for r in runs]) if runs else None,
                           **{head: mean_sd([p[head] for p in probes]) if probes else None
                              for head in ('attentive', 'linear')},
-                          edge=sum(bool(p['warning']) for p in probes)))
+                          edge=sum(bool(p['warning']) for p in probes), probe_s=sum(p['probe_s'] for p in probes)))
     if name != 'probe_optimizer':  # the floor: a random encoder of the Muon row's architecture
         runs = [load(a, table_runs(a, TABLES['papers'][0], s)) for s in a.seeds]
         probes = [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
-        stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], val=None, edge=0, **{
+        stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], val=None, edge=0,
+                          probe_s=sum(p['probe_s'] for p in probes), **{
             head: mean_sd([p[head] for p in probes]) if probes else None for head in ('attentive', 'linear')}))
     base = stats[0]
     lines += ['| row | optimizer, lr | final val loss | Δ | attentive top-1 | Δ | linear top-1 | Δ | blog |',
@@ -406,13 +408,16 @@ def report_table(a, name):
                       else delta(s[key], base[key], digits)]
         lines.append('| ' + ' | '.join(cells + [row.blog or '–']) + ' |')
     n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
+    train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
     res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
     lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row; "
               f"* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2). With {n} seeds and this table's pooled seed SD, the smallest "
               f"difference of two rows it resolves (2·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
               f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
               f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
-              f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders."]
+              f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
+              f"{sum(train_s.values()) / 60:.0f} min training, {sum(s['probe_s'] for s in stats) / 60:.0f} min probing, "
+              "one core per run (a run shared with another table counted in each)."]
     floor = stats[-1] if name != 'probe_optimizer' else None
     below = [f"{s['row'].name} ({head})" for s in stats[:-1] for head in ('attentive', 'linear')
              if floor and s[head] and floor[head] and s[head][0] <= floor[head][0]]
@@ -514,6 +519,12 @@ def report(a):
     parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
              f"steps; probes `{' '.join(PROBE + tuple(a.probe_args))}`. Made by `python scripts/study.py report`. "
              "Wall times: one core per run, as measured, on whatever else the machine was doing.", '']
+    done = []
+    for path in glob.glob(os.path.join(a.results, 'runs', '*.json')):
+        with open(path) as f:
+            done.append(json.load(f))
+    parts += [f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
+              f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.", '']
     sweeps = {}
     parts += ['## 1. Peak-lr sweeps (seed 0, final val loss)', '']
     for iters in (a.length, 2 * a.length, 4 * a.length):

@@ -175,6 +175,7 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
     assert f"| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
     assert ("of 3 comparisons (about 1 in 20 does by chance): "
             "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
+    assert "Machine time of all 16 runs so far: 0.0 core-hours training" in text  # 9 + 3 + 2 + 2 summaries of 1 s
 
 
 def test_patch_loss_splits_the_val_loss_that_training_logged(tmp_path):
