@@ -260,15 +260,17 @@ def sweep(a):
 def lengths(a):
     """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
     interpolation), each at half, at and twice its best at the short length,
-    widened until the best is inside; then both at their 4x best for the other seeds."""
+    widened until the best is inside; then both at their 4x best for the other seeds,
+    every seed's encoder probed (the tables probe the short length's)."""
     for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
         best = best_lr(a, optimizer, a.length)
         tune(a, optimizer, f * a.length, (best, best / 2, best * 2))
     best = {optimizer: tuned_lr(a, optimizer, 4 * a.length) for optimizer in ('adamw', 'muon')}
-    for seed in a.seeds[1:]:
+    for seed in a.seeds:
         for optimizer, lr in best.items():
             if lr is not None:  # else its sweep is still being widened by another process
                 train(a, Run(optimizer, lr, 4 * a.length, seed))
+                probe(a, Run(optimizer, lr, 4 * a.length, seed))
 
 
 def seeds(a):
@@ -461,6 +463,7 @@ def lengths_section(a, sweeps):
              '| steps | AdamW: best lr, final val (seed 0) | Muon: best lr, final val (seed 0) '
              '| AdamW at its best lr, seeds | Muon at its best lr, seeds | Muon - AdamW |', '|---|---|---|---|---|---|']
     mean, tuned = {}, set()  # (optimizer, iters) -> mean_sd of the final val over the seeds at the best lr
+    probed = {}  # (optimizer, iters) -> {head: mean_sd of the best top-1 over the probed seeds}
     for iters in (L, 2 * L, 4 * L):
         cells = []
         for optimizer in ('adamw', 'muon'):
@@ -470,6 +473,9 @@ def lengths_section(a, sweeps):
                 cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
                 runs = [r for r in (load(a, Run(optimizer, lr, iters, s)) for s in a.seeds) if r]
                 mean[optimizer, iters] = mean_sd([r['final_val'] for r in runs])
+                probes = [r['probes']['default'] for r in runs if 'default' in r['probes']]
+                if probes:
+                    probed[optimizer, iters] = {h: mean_sd([p[h] for p in probes]) for h in ('attentive', 'linear')}
             else:
                 cells.append('–')
         cells += [fmt(mean.get((o, iters)), 4) for o in ('adamw', 'muon')]
@@ -478,6 +484,7 @@ def lengths_section(a, sweeps):
         lines.append(f"| {iters} | {' | '.join(cells)} |")
     lines += ['', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr; "
               "Δ marked * where |Δ| > 2·sqrt(s1²/n1 + s2²/n2)."]
+    lines += probes_by_length(a, probed)
     adamw = [(n, mean[o, n][0]) for o, n in sorted(tuned) if o == 'adamw']
     if ('muon', L) not in mean or not adamw:
         return lines
@@ -504,6 +511,23 @@ def lengths_section(a, sweeps):
         if ('muon', iters) in mean and steps_to_reach(adamw, mean['muon', iters][0]) is None:
             lines.append(f"Muon's mean final val loss at {iters} steps ({mean['muon', iters][0]:.4f}): no AdamW run "
                          f"length reaches it (the longest, {longest} steps, ends at {dict(adamw)[longest]:.4f}).")
+    return lines
+
+
+def probes_by_length(a, probed):
+    """The same runs' encoders probed: whether the loss's ordering holds for the representation."""
+    if not probed:
+        return []
+    lines = ['', '| steps | attentive: AdamW | attentive: Muon | linear: AdamW | linear: Muon |', '|---|---|---|---|---|']
+    for iters in sorted({n for _, n in probed}):
+        cells = [fmt(probed.get((o, iters), {}).get(h), 3) for h in ('attentive', 'linear') for o in ('adamw', 'muon')]
+        lines.append(f"| {iters} | {' | '.join(cells)} |")
+    lr = tuned_lr(a, 'muon', a.length)  # the random encoder is the Muon row's architecture, fresh weights
+    runs = [load(a, Run('muon', lr, a.length, s)) for s in a.seeds] if lr else []
+    floor = [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
+    lines += ['', "Best probe top-1 (`" + ' '.join(PROBE + tuple(a.probe_args)) + "`), mean ± sample SD (n), of the "
+              "runs above" + (f"; a random encoder: attentive {fmt(mean_sd([p['attentive'] for p in floor]), 3)}, "
+                              f"linear {fmt(mean_sd([p['linear'] for p in floor]), 3)}" if floor else '') + '.']
     return lines
 
 

@@ -143,10 +143,10 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
     runs = tmp_path / 'results' / 'runs'
     runs.mkdir(parents=True)
 
-    def summary(optimizer, lr, iters, final_val, seed=0, flags=()):
+    def summary(optimizer, lr, iters, final_val, seed=0, flags=(), probes=None):
         name = f"{optimizer}_lr{lr:g}_len{iters}{''.join('_' + f[2:].replace('=', '-') for f in flags)}_seed{seed}"
         s = dict(optimizer=optimizer, lr=lr, iters=iters, seed=seed, flags=flags, name=name, config='tiny.py',
-                 curve={str(iters): final_val}, final_val=final_val, train_s=1.0, probes={})
+                 curve={str(iters): final_val}, final_val=final_val, train_s=1.0, probes=probes or {})
         (runs / f'{name}.json').write_text(json.dumps(s))
     for iters, best in ((12, 0.330), (24, 0.310), (48, 0.290)):  # AdamW: every length bracketed at lr 2e-3
         for lr, v in ((1e-3, best + 0.01), (2e-3, best), (4e-3, best + 0.02)):
@@ -155,6 +155,13 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
         summary('muon', lr, 12, v)
     summary('adamw', 2e-3, 12, 0.334, seed=1)  # second seeds at the short length: means 0.332 and 0.300
     summary('muon', 2e-3, 12, 0.302, seed=1)
+
+    def probes(attentive, linear, random=None):
+        p = dict(default=dict(attentive=attentive, linear=linear, warning='', probe_s=1.0))
+        return p if random is None else dict(p, random=dict(attentive=random, linear=random, warning='', probe_s=1.0))
+    summary('adamw', 2e-3, 48, 0.29, probes=probes(0.2, 0.3))  # the probes of the longest length's seed 0
+    summary('muon', 2e-3, 12, 0.298, probes=probes(0.4, 0.5, random=0.1))  # and of Muon's short seeds, a floor
+    summary('muon', 2e-3, 12, 0.302, seed=1, probes=probes(0.6, 0.7, random=0.3))
     for seed, v in enumerate((0.320, 0.324)):  # the blog table's no-bias row, far from the Muon row
         summary('muon', 2e-3, 12, v, seed, flags=['--bias=False'])
     p = study(['report', f'--config={config}', '--length=12', '--tables=blog', f'--results={tmp_path / "results"}',
@@ -175,6 +182,8 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
     assert f"| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
     assert ("of 3 comparisons (about 1 in 20 does by chance): "
             "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
+    assert "| 12 | – | 0.500 ± 0.141 (2) | – | 0.600 ± 0.141 (2) |\n| 48 | 0.200 (1) | – | 0.300 (1) | – |" in text
+    assert "a random encoder: attentive 0.200 ± 0.141 (2), linear 0.200 ± 0.141 (2)." in text
     assert "Machine time of all 16 runs so far: 0.0 core-hours training" in text  # 9 + 3 + 2 + 2 summaries of 1 s
 
 
