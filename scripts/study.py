@@ -20,7 +20,6 @@ an idea, fork: change config/study.py or the rows below, pass --results and --ou
 and run the same four commands.
 """
 import argparse
-import glob
 import json
 import math
 import os
@@ -203,16 +202,20 @@ def probe(a, run, flags=(), random_encoder=False):
 # -----------------------------------------------------------------------------
 # the phases
 
-def sweep_runs(a, optimizer, iters):
-    """The finished seed-0 runs of optimizer at length iters without other flags: {lr: summary}."""
-    runs = {}
+def summaries(a):
+    """Every finished run's summary, in name order."""
     folder = os.path.join(a.results, 'runs')
+    done = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         with open(os.path.join(folder, name)) as f:
-            s = json.load(f)
-        if (s['optimizer'], s['iters'], s['seed'], tuple(s['flags'])) == (optimizer, iters, 0, ()):
-            runs[s['lr']] = s
-    return runs
+            done.append(json.load(f))
+    return done
+
+
+def sweep_runs(a, optimizer, iters):
+    """The finished seed-0 runs of optimizer at length iters without other flags: {lr: summary}."""
+    return {s['lr']: s for s in summaries(a)
+            if (s['optimizer'], s['iters'], s['seed'], tuple(s['flags'])) == (optimizer, iters, 0, ())}
 
 
 def tuned_lr(a, optimizer, iters):
@@ -269,8 +272,9 @@ def lengths(a):
     for seed in a.seeds:
         for optimizer, lr in best.items():
             if lr is not None:  # else its sweep is still being widened by another process
-                train(a, Run(optimizer, lr, 4 * a.length, seed))
-                probe(a, Run(optimizer, lr, 4 * a.length, seed))
+                run = Run(optimizer, lr, 4 * a.length, seed)
+                train(a, run)
+                probe(a, run)
 
 
 def seeds(a):
@@ -328,6 +332,14 @@ def report_seeds(a, done):
     with open(os.path.join(a.results, 'seeds.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
+
+
+def floor_probes(a):
+    """The probes' floor, per seed that has it: a random encoder of the Muon row's architecture
+    (fresh weights), probed beside that seed's Muon run at the short length."""
+    lr = tuned_lr(a, 'muon', a.length)
+    runs = [load(a, Run('muon', lr, a.length, s)) for s in a.seeds] if lr else []
+    return [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
 
 
 def table_runs(a, row, seed):
@@ -392,9 +404,8 @@ def report_table(a, name):
                           **{head: mean_sd([p[head] for p in probes]) if probes else None
                              for head in ('attentive', 'linear')},
                           edge=sum(bool(p['warning']) for p in probes), probe_s=sum(p['probe_s'] for p in probes)))
-    if name != 'probe_optimizer':  # the floor: a random encoder of the Muon row's architecture
-        runs = [load(a, table_runs(a, TABLES['papers'][0], s)) for s in a.seeds]
-        probes = [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
+    if name != 'probe_optimizer':
+        probes = floor_probes(a)
         stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], val=None, edge=0,
                           probe_s=sum(p['probe_s'] for p in probes), **{
             head: mean_sd([p[head] for p in probes]) if probes else None for head in ('attentive', 'linear')}))
@@ -522,9 +533,7 @@ def probes_by_length(a, probed):
     for iters in sorted({n for _, n in probed}):
         cells = [fmt(probed.get((o, iters), {}).get(h), 3) for h in ('attentive', 'linear') for o in ('adamw', 'muon')]
         lines.append(f"| {iters} | {' | '.join(cells)} |")
-    lr = tuned_lr(a, 'muon', a.length)  # the random encoder is the Muon row's architecture, fresh weights
-    runs = [load(a, Run('muon', lr, a.length, s)) for s in a.seeds] if lr else []
-    floor = [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
+    floor = floor_probes(a)
     lines += ['', "Best probe top-1 (`" + ' '.join(PROBE + tuple(a.probe_args)) + "`), mean ± sample SD (n), of the "
               "runs above" + (f"; a random encoder: attentive {fmt(mean_sd([p['attentive'] for p in floor]), 3)}, "
                               f"linear {fmt(mean_sd([p['linear'] for p in floor]), 3)}" if floor else '') + '.']
@@ -543,10 +552,7 @@ def report(a):
     parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
              f"steps; probes `{' '.join(PROBE + tuple(a.probe_args))}`. Made by `python scripts/study.py report`. "
              "Wall times: one core per run, as measured, on whatever else the machine was doing.", '']
-    done = []
-    for path in glob.glob(os.path.join(a.results, 'runs', '*.json')):
-        with open(path) as f:
-            done.append(json.load(f))
+    done = summaries(a)
     parts += [f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
               f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.", '']
     sweeps = {}
