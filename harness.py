@@ -121,6 +121,8 @@ def check_config(c, choices):
                           f"moment), not --optimizer={c.optimizer}")
     if c.muon_ns_dtype != 'auto' and c.optimizer != 'muon':
         raise ConfigError(f"--muon_ns_dtype={c.muon_ns_dtype} applies to optimizer muon, not --optimizer={c.optimizer}")
+    if c.adamw_lr and c.optimizer != 'muon':  # the AdamW side's own lr exists only beside Muon
+        raise ConfigError(f"--adamw_lr={c.adamw_lr} applies to optimizer muon, not --optimizer={c.optimizer}")
     if c.muon_conv and (c.optimizer != 'muon' or c.stem != 'conv'):
         raise ConfigError(f"--muon_conv=True needs --optimizer=muon and --stem=conv (got {c.optimizer}, {c.stem})")
 

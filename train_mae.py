@@ -62,6 +62,7 @@ norm_pix_loss = True  # targets are per-patch normalised pixels (MAE)
 # optimizer
 optimizer = 'muon'  # 'adamw', 'muon' (Muon on hidden 2D weights, AdamW on the rest), 'lamb' or 'adafactor'
 lr = 8e-4  # peak learning rate, both sides
+adamw_lr = 0.0  # optimizer='muon': the AdamW side's own peak lr (norms, biases, patch conv, mask token); 0 = lr (the blog's)
 weight_decay = 0.05  # AdamW/LAMB side
 betas = (0.9, 0.95)
 muon_weight_decay = 0.1
@@ -76,7 +77,7 @@ state_dtype = 'float32'  # 'bfloat16': Muon's momentum or LAMB's first moment in
 batch_size = 4096  # global images per optimizer step (all ranks x accumulation)
 micro_batch_size = 256  # images per process per forward; accumulation = batch_size / (micro_batch_size * world)
 epochs = 400
-warmup_epochs = 40
+warmup_epochs = 40.0  # may be fractional (a warmup fraction of a max_iters run: warmup_epochs / epochs)
 warmup_start = 1 / 3  # the warmup's first lr, a fraction of the peak (torch's LinearLR default, as the blog's code)
 max_iters = 0  # if > 0, the run is this many optimizer steps (schedules scale to it)
 schedule = 'cosine'  # 'cosine', 'wsd' (warmup, constant, linear cooldown) or 'rsqrt' (warmup, 1/sqrt, cooldown)
@@ -736,7 +737,7 @@ def run_length(c, train_images):
     """(total optimizer steps, warmup steps) of the run of config c."""
     steps_per_epoch = train_images // c.batch_size
     total = c.max_iters if c.max_iters > 0 else c.epochs * steps_per_epoch
-    warmup = round(c.warmup_epochs / c.epochs * total) if c.max_iters > 0 else c.warmup_epochs * steps_per_epoch
+    warmup = round(c.warmup_epochs / c.epochs * total) if c.max_iters > 0 else round(c.warmup_epochs * steps_per_epoch)
     return total, warmup
 
 
@@ -808,6 +809,7 @@ def main(argv):
         f"= {c.batch_size}")
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizers = build_optimizers(model, c, dev.split(':')[0], log)
+    peak_lrs = [c.lr if isinstance(opt, Muon) or not c.adamw_lr else c.adamw_lr for opt in optimizers]
     step, best_val, overridden = 0, float('inf'), {}
     if ckpt is not None:
         harness.check_architecture(c, ckpt, ARCH_KEYS)
@@ -848,8 +850,9 @@ def main(argv):
             harness.stop_on_signals() as stop:
         while step < total:
             lr = c.lr * lr_at(step)
-            for group in (group for opt in optimizers for group in opt.param_groups):
-                group['lr'] = lr
+            for opt, peak in zip(optimizers, peak_lrs):
+                for group in opt.param_groups:
+                    group['lr'] = peak * lr_at(step)
             for micro in range(accum):
                 batch = next(batches)
                 sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only

@@ -32,6 +32,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # noqa: E402
+import train_mae  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ('adamw', 'muon', 'lamb', 'adafactor')
 LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the first sweep, a factor of 2 apart; widened by 2x at an edge
@@ -106,6 +110,16 @@ def save(a, run, summary):
     with open(path + '.tmp', 'w') as f:
         json.dump(summary, f, indent=1)
     os.replace(path + '.tmp', path)
+    if a.commit:  # each summary lands as it is made: a machine that goes away loses at most the runs in progress
+        for attempt in range(10):  # the repository may be busy (another commit holds its index lock)
+            git = subprocess.run(['git', 'add', path], cwd=a.results, capture_output=True)
+            git = git.returncode or subprocess.run(['git', 'commit', '-q', '-m', f"study: {run.name}", '--', path],
+                                                    cwd=a.results, capture_output=True).returncode
+            if not git:
+                break
+            time.sleep(5)
+        else:
+            print(f"warning: could not commit {path}", file=sys.stderr)
 
 
 def execute(a, script, args):
@@ -358,6 +372,123 @@ def tables(a):
                 probe(a, run, row.probe)
             if name != 'probe_optimizer':
                 probe(a, table_runs(a, TABLES['papers'][0], seed), random_encoder=True)
+
+
+# -----------------------------------------------------------------------------
+# tuning beyond the lr (the real-data study): coordinate-wise, one hyperparameter at a time
+
+class Knob(NamedTuple):
+    """A tuned hyperparameter: its train_mae.py key ('lr' is the Run's own), its first grid
+    (a tuple, or a function of the current setting), and the value nothing lies beyond (a
+    weight decay of 0: a best there counts as inside). beta2 is widened in 1 - beta2."""
+    key: str
+    grid: object
+    floor: float = None
+
+
+KNOBS = {  # in the order they are tuned; what is held fixed: report's HELD
+    'adamw': (Knob('lr', (1e-3, 2e-3, 4e-3, 8e-3)), Knob('beta2', (0.95, 0.99, 0.999)),
+              Knob('weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
+    'muon': (Knob('lr', (4e-3, 8e-3, 1.6e-2, 3.2e-2)),
+             Knob('adamw_lr', lambda best: (best['lr'] / 4, best['lr'] / 2, best['lr'])),
+             Knob('muon_weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
+}
+
+
+def defaults(a, optimizer):
+    """The config's value of every knob of optimizer: the untuned setting."""
+    c = harness.configure([a.config, f'--optimizer={optimizer}'], train_mae.CONFIG)
+    return dict(lr=c['lr'], beta2=c['betas'][1], weight_decay=c['weight_decay'], warmup_epochs=c['warmup_epochs'],
+                adamw_lr=c['adamw_lr'], muon_weight_decay=c['muon_weight_decay'], beta1=c['betas'][0])
+
+
+def setting_run(a, optimizer, setting, iters, seed=0):
+    """The Run of a setting {knob: value}: a flag for each knob off the config's value (an
+    adamw_lr equal to the lr is the tied default), so the untuned setting is the plain run."""
+    base, flags = defaults(a, optimizer), []
+    for knob in KNOBS[optimizer][1:]:
+        value = setting[knob.key]
+        if value == base[knob.key] or knob.key == 'adamw_lr' and value == setting['lr']:
+            continue
+        flags.append(f"--betas=({base['beta1']!r},{value!r})" if knob.key == 'beta2' else f"--{knob.key}={value!r}")
+    return Run(optimizer, setting['lr'], iters, seed, tuple(sorted(flags)))
+
+
+def beyond(knob, values, edge):
+    """The next value past values' edge (min or max) at the ratio of the two values there,
+    or None where the edge is the knob's floor."""
+    if edge == min(values) and edge == knob.floor:
+        return None
+    to, back = (lambda v: 1 - v, lambda t: 1 - t) if knob.key == 'beta2' else (lambda v: v, lambda t: t)
+    ordered = sorted(values, key=to)  # increasing in the space the grid is geometric in
+    first, second = (ordered[0], ordered[1]) if to(edge) == to(ordered[0]) else (ordered[-1], ordered[-2])
+    return float(f"{back(to(first) ** 2 / to(second)):.6g}")
+
+
+def bracket(knob, finals):
+    """finals {value: final val loss}: (best value, the value to add next or None when the
+    best is inside the values or on the knob's floor). The one bracketing rule."""
+    best = min(finals, key=finals.get)
+    if len(finals) > 1 and best in (min(finals), max(finals)):
+        return best, beyond(knob, list(finals), best)
+    return best, None
+
+
+def sweep_knob(a, optimizer, iters, setting, knob, values, wait):
+    """Train setting with knob at each of values, widened while the best lies on an edge.
+    Returns (best value, {value: summary}); (None, the finished ones) while runs are missing:
+    in a report (wait=False), or never when waiting (another process's runs are polled)."""
+    values = sorted({float(f"{v:.6g}") for v in values})
+    while True:
+        runs = {v: setting_run(a, optimizer, {**setting, knob.key: v}, iters) for v in values}
+        done = {v: train(a, run) if wait else load(a, run) for v, run in runs.items()}  # None: another process's
+        if any(s is None for s in done.values()):
+            if not wait or a.dry_run:
+                return None, {v: s for v, s in done.items() if s}
+            time.sleep(30)
+            continue
+        best, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
+        if more is None:
+            return best, done
+        values.append(more)
+
+
+def coordinate_tune(a, optimizer, iters, wait=True, trace=None):
+    """One hyperparameter at a time, each swept holding the others at their current best,
+    bracketed; passes repeat (each knob at its best and its neighbours in the previous
+    pass's grid) until a pass changes nothing. Returns the tuned setting, or None while
+    unfinished. trace: a list that receives (pass, knob, {value: summary}, best)."""
+    base = defaults(a, optimizer)
+    setting = {knob.key: base[knob.key] for knob in KNOBS[optimizer]}
+    grids = {}
+    for n in range(1, 6):
+        changed = False
+        for knob in KNOBS[optimizer]:
+            if n == 1:
+                values = knob.grid(setting) if callable(knob.grid) else knob.grid
+            else:  # the best and its neighbours in the previous pass's values
+                ladder = sorted(grids[knob.key], key=lambda v: 1 - v if knob.key == 'beta2' else v)
+                i = ladder.index(setting[knob.key]) if setting[knob.key] in ladder else None
+                values = ladder[max(0, i - 1):i + 2] if i is not None else [setting[knob.key]]
+            best, done = sweep_knob(a, optimizer, iters, setting, knob, values, wait)
+            if trace is not None:
+                trace.append((n, knob.key, done, best))
+            if best is None:
+                return None
+            grids[knob.key] = sorted(set(grids.get(knob.key, [])) | set(done))
+            tied = knob.key == 'adamw_lr' and setting[knob.key] == 0 and best == setting['lr']  # the same runs
+            changed |= best != setting[knob.key] and not tied
+            setting[knob.key] = best
+        if not changed:
+            return setting
+    return setting
+
+
+def tune_all(a):
+    """Each of --optimizers tuned at the short length (coordinate_tune)."""
+    for optimizer in a.optimizers:
+        setting = coordinate_tune(a, optimizer, a.length)
+        print(f"{optimizer} at {a.length} steps: {setting}")
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +755,7 @@ def plots(a, sweeps, tables):
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report', 'seeds'))
+    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report', 'seeds', 'tune'))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
@@ -635,6 +766,7 @@ def main(argv):
     p.add_argument('--results', default=os.path.join(ROOT, 'results', 'study'), help='summaries, tables, plots')
     p.add_argument('--out', default=os.path.join(ROOT, 'out', 'study'), help='checkpoints and logs of the runs')
     p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
+    p.add_argument('--commit', action='store_true', help='git-commit each summary as it is written (--results in a repository)')
     a = p.parse_args(argv)
     a.config, a.results, a.out = map(os.path.abspath, (a.config, a.results, a.out))
     a.lrs = [float(x) for x in a.lrs.split(',')]
@@ -643,7 +775,7 @@ def main(argv):
     for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds)[a.phase](a)
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all)[a.phase](a)
 
 
 if __name__ == '__main__':

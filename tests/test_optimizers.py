@@ -94,6 +94,7 @@ def test_adafactor_trains(tmp_path):
     (['--optimizer=adafactor', '--state_dtype=bfloat16'], '--state_dtype=bfloat16'),
     (['--muon_conv=True'], '--muon_conv=True'),  # the patch stem has no conv for Muon
     (['--optimizer=adamw', '--stem=conv', '--muon_conv=True'], '--muon_conv=True'),
+    (['--optimizer=adamw', '--adamw_lr=1e-3'], '--adamw_lr=0.001'),  # AdamW's lr is --lr
 ])
 def test_a_flag_that_cannot_take_effect_is_an_error(tmp_path, args, names):
     with pytest.raises(SystemExit, match=names):
@@ -123,3 +124,18 @@ def test_muon_orthogonalises_swiglu_gate_and_value_as_two_matrices():
     # ...which a fused [2h, d] matrix would not give: its gate half is orthogonalised with the value's
     joint = zeropower_via_newtonschulz5(torch.cat([gate.grad, value.grad]))[:len(gate)]
     assert (joint.float() - zeropower_via_newtonschulz5(gate.grad).float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize('adamw_lr', [0.0, 1e-4])
+def test_adamw_lr_sets_the_adamw_side_of_a_muon_run_and_only_it(tmp_path, adamw_lr):
+    """The lr each optimizer's groups last stepped with, read back from the checkpoint: Muon at
+    --lr, the AdamW side (norms, biases, patch conv, mask token) at --adamw_lr (0: tied to --lr),
+    both under the same schedule."""
+    T.main(TINY + [f'--out_dir={tmp_path}', '--max_iters=5', '--lr=3e-3', f'--adamw_lr={adamw_lr}'])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    c = T.SimpleNamespace(**ckpt['config'])
+    factor = T.run_schedule(c, 256)(4)  # the last step's (step 4, 0-based) factor
+    adamw, muon = ckpt['optimizers']
+    assert [g['lr'] for g in muon['param_groups']] == [pytest.approx(3e-3 * factor)]
+    assert [g['lr'] for g in adamw['param_groups']] == [pytest.approx((adamw_lr or 3e-3) * factor)] * 2
+    assert [g['weight_decay'] for g in adamw['param_groups']] == [c.weight_decay, 0.0]

@@ -211,3 +211,52 @@ def test_patch_loss_splits_the_val_loss_that_training_logged(tmp_path):
         assert (img, label) == source.open(i) and 0 < inside.mean() < 1
         pixels = np.asarray(img, dtype=np.float32) / 255
         assert pixels[inside].std(0).max() < 0.03 < pixels[~inside].std(0).max()
+
+
+def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(tmp_path):
+    """Made-up summaries from a known bowl over the knobs: the tuner (in report mode, which
+    trains nothing) asks for runs until every knob's best is inside its grid or on its floor,
+    and returns the bowl's minimum on the grids' ladders."""
+    import math
+    from types import SimpleNamespace
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import study as S
+    config = tmp_path / 'tiny.py'
+    config.write_text(TINY_CONFIG)
+    a = SimpleNamespace(config=str(config), results=str(tmp_path / 'results'), out=str(tmp_path / 'out'),
+                        dry_run=False, commit=False)
+    optimum = dict(lr=3.2e-2, beta2=0.9999, weight_decay=0.0, warmup_epochs=2.0)  # lr and beta2 past the first grids
+
+    def loss(run):  # parse the setting back from the run: flags off the config's values
+        flags = dict(f[2:].split('=') for f in run.flags)
+        beta2 = float(flags['betas'].strip('()').split(',')[1]) if 'betas' in flags else 0.95
+        s = dict(lr=run.lr, beta2=beta2, weight_decay=float(flags.get('weight_decay', 0.05)),
+                 warmup_epochs=float(flags.get('warmup_epochs', 1.0)))
+        return (math.log(s['lr'] / optimum['lr']) ** 2 + math.log((1 - s['beta2']) / (1 - optimum['beta2'])) ** 2
+                + s['weight_decay'] + math.log(s['warmup_epochs'] / optimum['warmup_epochs']) ** 2)
+    load, asked = S.load, []
+
+    def load_or_note(a, run):  # the runs the tuner asks for that have no summary yet
+        summary = load(a, run)
+        if summary is None:
+            missing.append(run)
+        return summary
+    S.load = load_or_note
+    try:
+        for _ in range(100):  # each round: the runs the tuner wants next, "trained" by writing their summaries
+            missing, trace = [], []
+            setting = S.coordinate_tune(a, 'adamw', 12, wait=False, trace=trace)
+            if setting is not None:
+                break
+            assert missing, trace[-1]
+            for run in missing:
+                asked.append(run.name)
+                S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0, probes={}))
+    finally:
+        S.load = load
+    assert setting == optimum, setting
+    assert len(asked) == len(set(asked))  # nothing asked twice
+    assert {n for n, *_ in trace} == {1, 2}  # the first pass moves every knob; the second confirms
+    for n, key, done, best in trace:
+        knob = next(k for k in S.KNOBS['adamw'] if k.key == key)
+        assert min(done) < best < max(done) or best == knob.floor, (n, key, sorted(done), best)

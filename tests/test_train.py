@@ -166,6 +166,14 @@ def test_param_split_follows_the_rule():
     assert not groups['muon'] and set(groups['decay']) == linear | {'patch_embed.proj.weight'}
 
 
+def test_fractional_warmup_epochs():
+    """warmup_epochs may be a fraction: of an epoch's steps, or of a max_iters run as warmup_epochs / epochs."""
+    c = cfg('--epochs=10', '--warmup_epochs=0.5', '--max_iters=0', '--batch_size=16')
+    assert T.run_length(c, 256) == (160, 8)
+    c = cfg('--epochs=10', '--warmup_epochs=2.5', '--max_iters=300')
+    assert T.run_length(c, 256) == (300, 75)
+
+
 @pytest.mark.parametrize('schedule', ['cosine', 'wsd', 'rsqrt'])
 def test_schedules(schedule):
     f = [T.lr_factor(s, 100, 10, schedule, 0.2, 0.25) for s in range(100)]
