@@ -38,6 +38,8 @@ from harness import ConfigError
 _names_before_config = set(globals())
 ckpt = ''  # a train_mae.py ckpt.pt; '' probes a randomly initialised encoder of train_mae.py's model keys
 random_encoder = False  # True: the checkpoint's architecture and data, its weights replaced by a random init (the baseline)
+pixels = False  # True: no encoder, the normalised pixels as one token [3*H*W] (the bar an encoder's features must clear;
+# its linear probe is a logistic regression on the pixels); linear head only
 data_dir = ''  # '' = the checkpoint's; an ImageFolder root with train/ and val/, its scripts/prepare_data.py copy, or 'synthetic'
 out_dir = ''  # where probe_results.json goes; '' = the checkpoint's folder (its random_encoder/ subfolder
 # with random_encoder=True; out/probe without a checkpoint)
@@ -200,8 +202,8 @@ def load_config(argv):
     c.data_dir = c.data_dir or defaults['data_dir']  # --data_dir= (empty) keeps the checkpoint's
     if ckpt is not None:
         harness.check_architecture(c, ckpt, train_mae.ARCH_KEYS)  # "--enc_dim=128 does not match the checkpoint's 384"
-    c.out_dir = c.out_dir or (os.path.join(os.path.dirname(c.ckpt), 'random_encoder' if c.random_encoder else '')
-                              if c.ckpt else os.path.join('out', 'probe'))
+    c.out_dir = c.out_dir or (os.path.join(os.path.dirname(c.ckpt), 'random_encoder' if c.random_encoder else
+                                           'pixels' if c.pixels else '') if c.ckpt else os.path.join('out', 'probe'))
     everything = SimpleNamespace(**{**train_mae.CONFIG, **vars(c)})
     train_mae.ModelConfig.of(everything)  # the model's rules
     harness.check_config(everything, train_mae.CHOICES)  # data, device, dtype
@@ -209,6 +211,9 @@ def load_config(argv):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
     if c.head not in ('attentive', 'linear', 'both'):
         raise ConfigError(f"--head={c.head!r}: must be one of attentive, linear, both")
+    if c.pixels and (c.head != 'linear' or c.random_encoder):
+        raise ConfigError(f"--pixels=True probes the pixels with the linear head alone: got --head={c.head}, "
+                          f"--random_encoder={c.random_encoder}")
     if not c.lrs or not c.wds or min(c.lrs) <= 0 or min(c.wds) < 0:
         raise ConfigError(f"--lrs={c.lrs} --wds={c.wds}: need one or more of each, lrs > 0 and wds >= 0")
     if c.epochs < 1 or not 0 <= c.warmup_epochs <= c.epochs:
@@ -232,7 +237,7 @@ def main(argv):
     grid = [(lr, wd) for lr in c.lrs for wd in c.wds]  # one probe per setting, in each head
     classes = train_set.source.classes
     heads = build_probes(c, grid, len(classes), rt.device)
-    encoder = 'random' if c.random_encoder or not c.ckpt else c.ckpt
+    encoder = 'pixels' if c.pixels else 'random' if c.random_encoder or not c.ckpt else c.ckpt
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(classes)} classes, "
         f"{len(grid)} probes per head ({len(c.lrs)} lrs x {len(c.wds)} wds; {', '.join(heads)}), "
         f"{order.total_steps} steps of {c.batch_size} images, {rt.world} process(es), "
@@ -257,6 +262,8 @@ def frozen_encoder(c, ckpt, rt):
         model.load_state_dict(ckpt['model'])
     model = model.to(rt.device).eval().requires_grad_(False)
     features = torch.compile(model.forward_features) if c.compile else model.forward_features
+    if c.pixels:  # [N, 3, H, W] -> [N, 1, 3*H*W]: the linear probe's mean over one token is the image itself
+        features = lambda imgs: imgs.flatten(1)[:, None]  # noqa: E731
 
     def encode(loader):
         for batch in loader:
@@ -310,7 +317,8 @@ def build_probes(c, grid, num_classes, device):
     heads = {}
     for name, Probes in (('attentive', AttentiveProbes), ('linear', LinearProbes)):
         if c.head in (name, 'both'):
-            probes = Probes(len(grid), c.enc_dim, num_classes, c.seed).to(device)
+            dim = 3 * c.img_size ** 2 if c.pixels else c.enc_dim  # the width of a token
+            probes = Probes(len(grid), dim, num_classes, c.seed).to(device)
             heads[name] = probes, ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
     return heads
 

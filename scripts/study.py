@@ -40,14 +40,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ('adamw', 'muon', 'lamb', 'adafactor')
 LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the first sweep, a factor of 2 apart; widened by 2x at an edge
 SEEDS = (0, 1, 2)
-PROBE = ('config/probe_quickstart.py',)  # the probe budget that separates encoders on the built-in data
 
 
 class Row(NamedTuple):
     name: str
     optimizer: str  # the row runs at this optimizer's tuned lr
     flags: tuple = ()  # train_mae.py flags on top of config, optimizer and lr
-    probe: tuple = ()  # probe.py flags on top of PROBE
+    probe: tuple = ()  # probe.py flags on top of --probe_config
     blog: str = ''  # the blog's ViT-S/16 ImageNet figure, for reference
 
 
@@ -191,14 +190,14 @@ def train(a, run):
 
 def probe(a, run, flags=(), random_encoder=False):
     """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)
-    with PROBE + flags, unless done; the best top-1 per head goes into the summary."""
+    with --probe_config + flags, unless done; the best top-1 per head goes into the summary."""
     key = '_'.join(['random'] * random_encoder + [f.lstrip('-') for f in flags]) or 'default'
     summary = load(a, run)
     if summary is None or key in summary['probes'] or not locked(a, run):
         return
     try:
         out_dir = os.path.join(a.out, run.name, 'probe_' + key)
-        seconds = execute(a, 'probe.py', [*PROBE, f'--ckpt={os.path.join(a.out, run.name, "ckpt.pt")}',
+        seconds = execute(a, 'probe.py', [a.probe_config, f'--ckpt={os.path.join(a.out, run.name, "ckpt.pt")}',
                                           f'--out_dir={out_dir}', f'--seed={run.seed}',
                                           f'--random_encoder={random_encoder}', *flags, *a.probe_args])
         if a.dry_run:
@@ -314,7 +313,7 @@ def report_seeds(a, done):
     heads = ('attentive', 'linear')
     lines = [f"# `{os.path.relpath(a.config, ROOT)}` over {len(done)} seeds", '',
              f"{done[0]['optimizer']}, lr {done[0]['lr']:g}, {done[0]['iters']} steps; probes "
-             f"`{' '.join(PROBE + tuple(a.probe_args))}`, probe seed = pretraining seed. "
+             f"`{' '.join((a.probe_config, *a.probe_args))}`, probe seed = pretraining seed. "
              "Made by `python scripts/study.py seeds`.", '',
              '| seed | final val loss | attentive | random encoder | margin | linear | random encoder | margin |',
              '|---|---|---|---|---|---|---|---|']
@@ -434,13 +433,15 @@ def bracket(knob, finals):
     return best, None
 
 
-def sweep_knob(a, optimizer, iters, setting, knob, values, wait):
-    """Train setting with knob at each of values, widened while the best lies on an edge.
+def sweep_knob(a, optimizer, iters, setting, knob, values, wait, make=None):
+    """Train setting with knob at each of values (make(setting, value) -> the setting of a
+    value; by default the knob set to it), widened while the best lies on an edge.
     Returns (best value, {value: summary}); (None, the finished ones) while runs are missing:
     in a report (wait=False), or never when waiting (another process's runs are polled)."""
     values = sorted({float(f"{v:.6g}") for v in values})
+    make = make or (lambda setting, v: {**setting, knob.key: v})
     while True:
-        runs = {v: setting_run(a, optimizer, {**setting, knob.key: v}, iters) for v in values}
+        runs = {v: setting_run(a, optimizer, make(setting, v), iters) for v in values}
         done = {v: train(a, run) if wait else load(a, run) for v, run in runs.items()}  # None: another process's
         if any(s is None for s in done.values()):
             if not wait or a.dry_run:
@@ -489,6 +490,70 @@ def tune_all(a):
     for optimizer in a.optimizers:
         setting = coordinate_tune(a, optimizer, a.length)
         print(f"{optimizer} at {a.length} steps: {setting}")
+
+
+def with_lr(setting, lr):
+    """setting with its peak lr moved to lr; an untied AdamW side moves with it (its ratio kept)."""
+    side = setting.get('adamw_lr')
+    return {**setting, 'lr': lr, **({'adamw_lr': float(f"{side * lr / setting['lr']:.6g}")} if side else {})}
+
+
+def length_settings(a, optimizer, wait=True, trace=None):
+    """{iters: the tuned setting} at the short length and at 4x and 16x it: the short length's
+    tuned setting with its lr re-tuned at each longer length (from half, once and twice the
+    previous length's best, bracketed). Stops at the first length not finished (report)."""
+    setting = coordinate_tune(a, optimizer, a.length, wait)
+    out = {a.length: setting} if setting else {}
+    for iters in (4 * a.length, 16 * a.length):
+        if setting is None:
+            break
+        lr = setting['lr']
+        best, done = sweep_knob(a, optimizer, iters, setting, KNOBS[optimizer][0], (lr / 2, lr, 2 * lr), wait,
+                                make=with_lr)
+        if trace is not None:
+            trace.append((iters, 'lr', done, best))
+        setting = with_lr(setting, best) if best is not None else None
+        if setting:
+            out[iters] = setting
+    return out
+
+
+def checks(a, optimizer, tuned, trace):
+    """At the longest length, one run per knob besides the lr: the knob moved to its
+    runner-up side at the short length (the neighbour with the lower loss there; up from a
+    floor). {knob: Run}."""
+    last = {key: (done, best) for _, key, done, best in trace}  # each knob's final sweep at the short length
+    out = {}
+    for knob in KNOBS[optimizer][1:]:
+        done, best = last[knob.key]
+        ladder = sorted(done, key=lambda v: 1 - v if knob.key == 'beta2' else v)
+        i = ladder.index(best)
+        sides = [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+        value = min(sides, key=lambda v: done[v]['final_val'])
+        out[knob.key] = setting_run(a, optimizer, {**tuned, knob.key: value}, 16 * a.length)
+    return out
+
+
+def scale(a):
+    """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
+    16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
+    (and, beside AdamW's short runs, per seed, a random encoder and the pixels: the floors);
+    then, at 16x, one check of each other tuned knob."""
+    for optimizer in a.optimizers:
+        settings = length_settings(a, optimizer)
+        for iters, setting in settings.items():
+            for seed in a.seeds:
+                run = setting_run(a, optimizer, setting, iters, seed)
+                train(a, run)
+                probe(a, run)
+                if iters == a.length and optimizer == 'adamw':  # the floors, once per seed (beside AdamW's runs)
+                    probe(a, run, random_encoder=True)
+                    probe(a, run, ('--pixels=True', '--head=linear'))
+        if 16 * a.length in settings:
+            trace = []
+            coordinate_tune(a, optimizer, a.length, wait=False, trace=trace)
+            for run in checks(a, optimizer, settings[16 * a.length], trace).values():
+                train(a, run)
 
 
 # -----------------------------------------------------------------------------
@@ -665,7 +730,7 @@ def probes_by_length(a, probed):
         cells = [fmt(probed.get((o, iters), {}).get(h), 3) for h in ('attentive', 'linear') for o in ('adamw', 'muon')]
         lines.append(f"| {iters} | {' | '.join(cells)} |")
     floor = floor_probes(a)
-    lines += ['', "Best probe top-1 (`" + ' '.join(PROBE + tuple(a.probe_args)) + "`), mean ± sample SD (n), of the "
+    lines += ['', "Best probe top-1 (`" + ' '.join((a.probe_config, *a.probe_args)) + "`), mean ± sample SD (n), of the "
               "runs above" + (f"; a random encoder: attentive {fmt(mean_sd([p['attentive'] for p in floor]), 3)}, "
                               f"linear {fmt(mean_sd([p['linear'] for p in floor]), 3)}" if floor else '') + '.']
     return lines
@@ -681,7 +746,7 @@ def unready_tables(a):
 def report(a):
     os.makedirs(a.results, exist_ok=True)
     parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
-             f"steps; probes `{' '.join(PROBE + tuple(a.probe_args))}`. Made by `python scripts/study.py report`. "
+             f"steps; probes `{' '.join((a.probe_config, *a.probe_args))}`. Made by `python scripts/study.py report`. "
              "Wall times: one core per run, as measured, on whatever else the machine was doing.", '']
     done = summaries(a)
     parts += [f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
@@ -755,14 +820,15 @@ def plots(a, sweeps, tables):
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report', 'seeds', 'tune'))
+    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report', 'seeds', 'tune', 'scale'))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
     p.add_argument('--optimizers', default=','.join(OPTIMIZERS))
     p.add_argument('--tables', default=','.join(TABLES))
     p.add_argument('--seeds', type=int, default=len(SEEDS))
-    p.add_argument('--probe_args', default='', help='extra probe.py flags (after config/probe_quickstart.py)')
+    p.add_argument('--probe_config', default='config/probe_quickstart.py', help="probe.py's config file (the probe budget)")
+    p.add_argument('--probe_args', default='', help='extra probe.py flags (after --probe_config)')
     p.add_argument('--results', default=os.path.join(ROOT, 'results', 'study'), help='summaries, tables, plots')
     p.add_argument('--out', default=os.path.join(ROOT, 'out', 'study'), help='checkpoints and logs of the runs')
     p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
@@ -775,7 +841,7 @@ def main(argv):
     for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all)[a.phase](a)
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale)[a.phase](a)
 
 
 if __name__ == '__main__':

@@ -213,50 +213,88 @@ def test_patch_loss_splits_the_val_loss_that_training_logged(tmp_path):
         assert pixels[inside].std(0).max() < 0.03 < pixels[~inside].std(0).max()
 
 
-def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(tmp_path):
-    """Made-up summaries from a known bowl over the knobs: the tuner (in report mode, which
-    trains nothing) asks for runs until every knob's best is inside its grid or on its floor,
-    and returns the bowl's minimum on the grids' ladders."""
-    import math
+def made_up_study(tmp_path):
+    """(study module, its args) for a study over made-up summaries."""
     from types import SimpleNamespace
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import study as S
     config = tmp_path / 'tiny.py'
     config.write_text(TINY_CONFIG)
-    a = SimpleNamespace(config=str(config), results=str(tmp_path / 'results'), out=str(tmp_path / 'out'),
-                        dry_run=False, commit=False)
-    optimum = dict(lr=3.2e-2, beta2=0.9999, weight_decay=0.0, warmup_epochs=2.0)  # lr and beta2 past the first grids
+    return S, SimpleNamespace(config=str(config), results=str(tmp_path / 'results'), out=str(tmp_path / 'out'),
+                              dry_run=False, commit=False, length=12)
 
-    def loss(run):  # parse the setting back from the run: flags off the config's values
-        flags = dict(f[2:].split('=') for f in run.flags)
-        beta2 = float(flags['betas'].strip('()').split(',')[1]) if 'betas' in flags else 0.95
-        s = dict(lr=run.lr, beta2=beta2, weight_decay=float(flags.get('weight_decay', 0.05)),
-                 warmup_epochs=float(flags.get('warmup_epochs', 1.0)))
-        return (math.log(s['lr'] / optimum['lr']) ** 2 + math.log((1 - s['beta2']) / (1 - optimum['beta2'])) ** 2
-                + s['weight_decay'] + math.log(s['warmup_epochs'] / optimum['warmup_epochs']) ** 2)
+
+def fill(S, a, ask, loss):
+    """Call ask() (a phase in report mode) until it returns a result, each time writing the
+    summaries of the runs it found missing with loss(run) as their final val loss."""
     load, asked = S.load, []
 
-    def load_or_note(a, run):  # the runs the tuner asks for that have no summary yet
+    def load_or_note(a, run):
         summary = load(a, run)
         if summary is None:
             missing.append(run)
         return summary
     S.load = load_or_note
     try:
-        for _ in range(100):  # each round: the runs the tuner wants next, "trained" by writing their summaries
-            missing, trace = [], []
-            setting = S.coordinate_tune(a, 'adamw', 12, wait=False, trace=trace)
-            if setting is not None:
-                break
-            assert missing, trace[-1]
+        for _ in range(100):
+            missing = []
+            result = ask()
+            if result is not None and not missing:
+                return result, asked
+            assert missing
             for run in missing:
                 asked.append(run.name)
-                S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0, probes={}))
+                S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0,
+                                    probes={}))
     finally:
         S.load = load
+    raise AssertionError('never finished')
+
+
+def adamw_setting(run):
+    """The AdamW setting of a run, parsed back from its flags (off the config's values)."""
+    flags = dict(f[2:].split('=') for f in run.flags)
+    beta2 = float(flags['betas'].strip('()').split(',')[1]) if 'betas' in flags else 0.95
+    return dict(lr=run.lr, beta2=beta2, weight_decay=float(flags.get('weight_decay', 0.05)),
+                warmup_epochs=float(flags.get('warmup_epochs', 1.0)))
+
+
+def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(tmp_path):
+    """Made-up summaries from a known bowl over the knobs: the tuner (in report mode, which
+    trains nothing) asks for runs until every knob's best is inside its grid or on its floor,
+    and returns the bowl's minimum on the grids' ladders; then each longer length re-tunes
+    the lr around the previous best, and the checks move each other knob to its runner-up side."""
+    import math
+    S, a = made_up_study(tmp_path)
+    optimum = dict(lr=3.2e-2, beta2=0.9999, weight_decay=0.0, warmup_epochs=2.0)  # lr and beta2 past the first grids
+
+    def loss(run):
+        s = adamw_setting(run)
+        lr_opt = optimum['lr'] / 2 ** math.log(run.iters / 12, 4)  # the best lr halves with each 4x in length
+        return (math.log(s['lr'] / lr_opt) ** 2 + math.log((1 - s['beta2']) / (1 - optimum['beta2'])) ** 2
+                + s['weight_decay'] + 0.1 * (s['warmup_epochs'] - optimum['warmup_epochs']) ** 2
+                + 1 / run.iters)
+    trace = []
+    setting, asked = fill(S, a, lambda: S.coordinate_tune(a, 'adamw', 12, wait=False, trace=trace.clear() or trace), loss)
     assert setting == optimum, setting
     assert len(asked) == len(set(asked))  # nothing asked twice
     assert {n for n, *_ in trace} == {1, 2}  # the first pass moves every knob; the second confirms
     for n, key, done, best in trace:
         knob = next(k for k in S.KNOBS['adamw'] if k.key == key)
         assert min(done) < best < max(done) or best == knob.floor, (n, key, sorted(done), best)
+
+    settings, _ = fill(S, a, lambda: (lambda s: s if len(s) == 3 else None)(S.length_settings(a, 'adamw', wait=False)),
+                       loss)
+    assert {n: s['lr'] for n, s in settings.items()} == {12: 3.2e-2, 48: 1.6e-2, 192: 8e-3}
+    assert all({**s, 'lr': 0} == {**optimum, 'lr': 0} for s in settings.values())  # the other knobs held
+    checks = S.checks(a, 'adamw', settings[192], trace)
+    assert {k: adamw_setting(r)[k] for k, r in checks.items()} == dict(beta2=0.999, weight_decay=0.05,
+                                                                       warmup_epochs=1.0)  # nearer than 4
+    assert all(r.iters == 192 and r.lr == 8e-3 for r in checks.values())
+
+
+def test_with_lr_keeps_an_untied_adamw_side_in_ratio():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import study as S
+    assert S.with_lr(dict(lr=1e-2, adamw_lr=2.5e-3), 4e-2) == dict(lr=4e-2, adamw_lr=1e-2)
+    assert S.with_lr(dict(lr=1e-2, adamw_lr=0.0), 4e-2) == dict(lr=4e-2, adamw_lr=0.0)  # tied stays tied
