@@ -168,12 +168,11 @@ def train(a, run):
         return None
     try:
         out_dir = os.path.join(a.out, run.name)
-        spent_path = os.path.join(out_dir, 'spent_s.json')  # wall time of earlier, interrupted attempts
         resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-        spent = json.load(open(spent_path)) if resume and os.path.exists(spent_path) else 0.0
+        spent = spent_before(out_dir) if resume else 0.0
         os.makedirs(out_dir, exist_ok=True)
-        with open(spent_path, 'w') as f:  # if this attempt dies, its time is not counted: the log says when
-            json.dump(spent, f)
+        with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
+            json.dump(dict(spent=spent, started=time.time()), f)
         seconds = execute(a, 'train_mae.py', run.argv(a.config) + [f'--out_dir={out_dir}'] +
                           (['--init_from=resume'] if resume else []) + a.train_args)
         with open(os.path.join(out_dir, 'log.jsonl')) as f:
@@ -186,6 +185,21 @@ def train(a, run):
         return summary
     finally:
         unlock(a, run)
+
+
+def spent_before(out_dir):
+    """Wall seconds of a run's earlier attempts: each attempt that died counts from its start
+    to the last write of its log (within a log interval of its end). spent_s.json holds the
+    seconds before the latest attempt and that attempt's start (a bare number: older files,
+    whose dead attempts went uncounted)."""
+    path, log = os.path.join(out_dir, 'spent_s.json'), os.path.join(out_dir, 'log.jsonl')
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        record = json.load(f)
+    if not isinstance(record, dict):
+        return float(record)
+    return record['spent'] + (max(0.0, os.path.getmtime(log) - record['started']) if os.path.exists(log) else 0.0)
 
 
 def probe(a, run, flags=(), random_encoder=False):
@@ -348,11 +362,11 @@ def report_seeds(a, done):
 
 
 def floor_probes(a):
-    """The probes' floor, per seed that has it: a random encoder of the Muon row's architecture
-    (fresh weights), probed beside that seed's Muon run at the short length."""
+    """The probes' floor, {seed: probes} per seed that has it: a random encoder of the Muon
+    row's architecture (fresh weights), probed beside that seed's Muon run at the short length."""
     lr = tuned_lr(a, 'muon', a.length)
     runs = [load(a, Run('muon', lr, a.length, s)) for s in a.seeds] if lr else []
-    return [r['probes']['random'] for r in runs if r and 'random' in r['probes']]
+    return {r['seed']: r['probes']['random'] for r in runs if r and 'random' in r['probes']}
 
 
 def table_runs(a, row, seed):
@@ -573,19 +587,35 @@ def pooled_sd(sds):
     return math.sqrt(np.mean(np.square(sds))) if sds else math.nan
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228}  # Student's t quantile 0.975 by degrees of freedom: a two-sided 5% test
+
+
 def resolution(sds, n):
-    """The smallest difference of two rows' means that 2 standard errors resolve,
-    with the table's pooled seed SD: 2 * sqrt(2 / n) * sd."""
-    return 2 * math.sqrt(2 / n) * pooled_sd(sds) if n > 1 else math.nan
+    """The smallest difference of two rows' means that the paired test below marks, with the
+    table's pooled seed SD and independent seeds: t(0.975, n-1) * sqrt(2 / n) * sd."""
+    return T_975[n - 1] * math.sqrt(2 / n) * pooled_sd(sds) if n > 1 else math.nan
 
 
-def delta(m, base, digits):
-    """m - base, marked * where it exceeds 2 * sqrt(s1²/n1 + s2²/n2)."""
-    noise = 2 * math.sqrt(m[1] ** 2 / m[2] + base[1] ** 2 / base[2])  # nan (no mark) with one seed
-    return f"{m[0] - base[0]:+.{digits}f}" + (' *' if abs(m[0] - base[0]) > noise else '')
+def by_seed(runs, get):
+    """{seed: get(summary)} over the runs (summaries) where get finds a value."""
+    return {r['seed']: v for r in runs for v in [get(r)] if v is not None}
+
+
+def delta(xs, ys, digits):
+    """The mean of xs - ys over the seeds both have ({seed: value} each), marked * where a
+    paired t-test rejects a zero mean at 5% two-sided: |mean| > t(0.975, n-1) * SD / sqrt(n).
+    Runs of one seed share initial weights, data order and masks, so pairing removes what
+    they share; when nothing differs, 1 comparison in 20 is marked by chance."""
+    d = [xs[s] - ys[s] for s in sorted(set(xs) & set(ys))]
+    if not d:
+        return '–'
+    marked = len(d) > 1 and abs(np.mean(d)) > T_975[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))
+    return f"{np.mean(d):+.{digits}f}" + (' *' if marked else '')
 
 
 METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: key, digits
+HEADS = ('attentive', 'linear')
 
 
 def report_table(a, name):
@@ -595,16 +625,18 @@ def report_table(a, name):
         runs = [load(a, table_runs(a, row, seed)) for seed in a.seeds]
         runs = [r for r in runs if r is not None]
         key = '_'.join(f.lstrip('-') for f in row.probe) or 'default'
+        seeds = dict(val=by_seed(runs, lambda r: r['final_val']),
+                     **{head: by_seed(runs, lambda r: r['probes'].get(key, {}).get(head)) for head in HEADS})
         probes = [r['probes'][key] for r in runs if key in r['probes']]
-        stats.append(dict(row=row, runs=runs, val=mean_sd([r['final_val'] for r in runs]) if runs else None,
-                          **{head: mean_sd([p[head] for p in probes]) if probes else None
-                             for head in ('attentive', 'linear')},
-                          edge=sum(bool(p['warning']) for p in probes), probe_s=sum(p['probe_s'] for p in probes)))
+        stats.append(dict(row=row, runs=runs, seeds=seeds, edge=sum(bool(p['warning']) for p in probes),
+                          probe_s=sum(p['probe_s'] for p in probes)))
     if name != 'probe_optimizer':
-        probes = floor_probes(a)
-        stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], val=None, edge=0,
-                          probe_s=sum(p['probe_s'] for p in probes), **{
-            head: mean_sd([p[head] for p in probes]) if probes else None for head in ('attentive', 'linear')}))
+        floor = floor_probes(a)
+        stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], edge=0,
+                          probe_s=sum(p['probe_s'] for p in floor.values()),
+                          seeds=dict(val={}, **{head: {s: p[head] for s, p in floor.items()} for head in HEADS})))
+    for s in stats:  # mean ± SD (n) of each metric, None where no seed has it
+        s.update({key: mean_sd(list(s['seeds'][key].values())) if s['seeds'][key] else None for key, _ in METRICS})
     base = stats[0]
     lines += ['| row | optimizer, lr | final val loss | Δ | attentive top-1 | Δ | linear top-1 | Δ | blog |',
               '|' + '---|' * 9]
@@ -613,15 +645,16 @@ def report_table(a, name):
         lr = f"{row.optimizer} {best_lr(a, row.optimizer, a.length):g}" if s['runs'] else '–'
         cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''), lr]
         for key, digits in METRICS:
-            cells += [fmt(s[key], digits), 'baseline' if i == 0 else '–' if s[key] is None or base[key] is None
-                      else delta(s[key], base[key], digits)]
+            cells += [fmt(s[key], digits), 'baseline' if i == 0 else delta(s['seeds'][key], base['seeds'][key], digits)]
         lines.append('| ' + ' | '.join(cells + [row.blog or '–']) + ' |')
     n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
     train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
     res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
-    lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row; "
-              f"* where |Δ| > 2·sqrt(s1²/n1 + s2²/n2). With {n} seeds and this table's pooled seed SD, the smallest "
-              f"difference of two rows it resolves (2·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
+    lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row, "
+              f"the mean of the differences seed by seed; * where a paired t-test rejects no difference at 5% "
+              f"two-sided (|Δ| > t·SD/√n of the seed differences, t = {T_975.get(n - 1, math.nan)} at {n} seeds), so "
+              f"about 1 comparison in 20 is marked when nothing differs. With {n} seeds and this table's pooled seed "
+              f"SD, the smallest difference of two rows it marks (t·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
               f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
               f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
               f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
@@ -634,14 +667,15 @@ def report_table(a, name):
         lines.append(f"Not above the random encoder's mean, so no evidence of a learnt representation: "
                      f"{', '.join(below)}.")
     rows = [s for s in stats[1:] if s['runs']]  # the pairs the Δ column leaves out: rows other than the baseline
-    pairs = [f"{t['row'].name} - {s['row'].name}: {key} {delta(t[key], s[key], digits)}"
+    pairs = [f"{t['row'].name} - {s['row'].name}: {key} {delta(t['seeds'][key], s['seeds'][key], digits)}"
              for key, digits in METRICS
              for i, s in enumerate(rows) for t in rows[i + 1:]
-             if s[key] and t[key] and delta(t[key], s[key], digits).endswith('*')]
+             if delta(t['seeds'][key], s['seeds'][key], digits).endswith('*')]
     tried = len(METRICS) * len(rows) * (len(rows) - 1) // 2
     if tried:
-        lines.append(f"Pairs of the other rows that differ by more than 2·sqrt(s1²/n1 + s2²/n2), of {tried} "
-                     f"comparisons (about 1 in 20 does by chance): {'; '.join(pairs) if pairs else 'none'}.")
+        lines.append(f"Pairs of the other rows marked by the same paired test, of {tried} comparisons ({tried // 3} "
+                     f"each in val loss, attentive and linear top-1; about {tried / 20:.1f} marked by chance when "
+                     f"nothing differs): {'; '.join(pairs) if pairs else 'none'}.")
     return '\n'.join(lines), stats
 
 
@@ -670,6 +704,7 @@ def lengths_section(a, sweeps):
              '| steps | AdamW: best lr, final val (seed 0) | Muon: best lr, final val (seed 0) '
              '| AdamW at its best lr, seeds | Muon at its best lr, seeds | Muon - AdamW |', '|---|---|---|---|---|---|']
     mean, tuned = {}, set()  # (optimizer, iters) -> mean_sd of the final val over the seeds at the best lr
+    finals = {}  # (optimizer, iters) -> {seed: final val}
     probed = {}  # (optimizer, iters) -> {head: mean_sd of the best top-1 over the probed seeds}
     for iters in (L, 2 * L, 4 * L):
         cells = []
@@ -679,7 +714,8 @@ def lengths_section(a, sweeps):
                 tuned |= {(optimizer, iters)} if inside else set()
                 cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
                 runs = [r for r in (load(a, Run(optimizer, lr, iters, s)) for s in a.seeds) if r]
-                mean[optimizer, iters] = mean_sd([r['final_val'] for r in runs])
+                finals[optimizer, iters] = by_seed(runs, lambda r: r['final_val'])
+                mean[optimizer, iters] = mean_sd(list(finals[optimizer, iters].values()))
                 probes = [r['probes']['default'] for r in runs if 'default' in r['probes']]
                 if probes:
                     probed[optimizer, iters] = {h: mean_sd([p[h] for p in probes]) for h in ('attentive', 'linear')}
@@ -687,10 +723,11 @@ def lengths_section(a, sweeps):
                 cells.append('–')
         cells += [fmt(mean.get((o, iters)), 4) for o in ('adamw', 'muon')]
         both = ('muon', iters) in mean and ('adamw', iters) in mean
-        cells.append(delta(mean['muon', iters], mean['adamw', iters], 4) if both else '–')
+        cells.append(delta(finals['muon', iters], finals['adamw', iters], 4) if both else '–')
         lines.append(f"| {iters} | {' | '.join(cells)} |")
     lines += ['', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr; "
-              "Δ marked * where |Δ| > 2·sqrt(s1²/n1 + s2²/n2)."]
+              "Δ is the mean of the seed-by-seed differences, marked * where a paired t-test rejects no difference "
+              "at 5% two-sided."]
     lines += probes_by_length(a, probed)
     adamw = [(n, mean[o, n][0]) for o, n in sorted(tuned) if o == 'adamw']
     if ('muon', L) not in mean or not adamw:
@@ -731,8 +768,8 @@ def probes_by_length(a, probed):
         lines.append(f"| {iters} | {' | '.join(cells)} |")
     floor = floor_probes(a)
     lines += ['', "Best probe top-1 (`" + ' '.join((a.probe_config, *a.probe_args)) + "`), mean ± sample SD (n), of the "
-              "runs above" + (f"; a random encoder: attentive {fmt(mean_sd([p['attentive'] for p in floor]), 3)}, "
-                              f"linear {fmt(mean_sd([p['linear'] for p in floor]), 3)}" if floor else '') + '.']
+              "runs above" + (f"; a random encoder: attentive {fmt(mean_sd([p['attentive'] for p in floor.values()]), 3)}, "
+                              f"linear {fmt(mean_sd([p['linear'] for p in floor.values()]), 3)}" if floor else '') + '.']
     return lines
 
 

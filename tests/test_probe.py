@@ -274,6 +274,35 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
     assert out['results'][0]['top1'] == top1 and 0 < top1 < 1
 
 
+def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path):
+    """--pixels=True: no encoder; the linear probe trains exactly as a plain loop of BatchNorm
+    (no affine) + one Linear on each image's flattened normalised pixels."""
+    argv = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=2', '--lrs=(1e-3,)', '--wds=(0.05,)', '--augment=False',
+                         '--pixels=True', '--head=linear']
+    out = probe.main(argv + [f'--out_dir={tmp_path}'])
+    assert out['encoder'] == 'pixels' and [r['head'] for r in out['results']] == ['linear']
+    c, _ = probe.load_config(argv)
+    train_set, val_set = train_mae.build_datasets(c, num_patches=0)
+    train_set.train = False
+    probes = probe.LinearProbes(1, 3 * 32 * 32, 10, c.seed)
+    opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
+    pixels = lambda ds, idx: (train_mae.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu').reshape(len(idx), 1, -1),
+                              torch.tensor([ds[k].labels for k in idx]))
+    total = 2 * (96 // 32)
+    for step, batch in enumerate(train_mae.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
+        x, y = pixels(train_set, [(0, i) for _, i in batch])
+        F.cross_entropy(probes(x)[0], y).backward()
+        opt.step(torch.tensor([1e-3]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0, 1 / 3))
+        probes.zero_grad()
+    probes.eval()
+    with torch.no_grad():
+        x, y = pixels(val_set, [(0, i) for i in range(40)])
+        top1 = (probes(x)[0].argmax(-1) == y).double().mean().item()
+    assert out['results'][0]['top1'] == top1
+    with pytest.raises(SystemExit, match='--pixels=True probes the pixels with the linear head alone'):
+        probe.load_config(PROBE_TINY + ['--pixels=True', '--head=both'])
+
+
 def test_quickstart_probe_config_runs(tmp_path):
     """config/probe_quickstart.py is a valid probe config (on a tiny encoder, for one epoch)."""
     argv = ['config/probe_quickstart.py'] + PROBE_TINY + [f'--out_dir={tmp_path}', '--epochs=1', '--batch_size=32']

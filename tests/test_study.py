@@ -102,6 +102,32 @@ def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(tmp_path):
     assert not (results / 'runs').exists() or not os.listdir(results / 'runs')
 
 
+def test_delta_is_a_paired_t_test_over_the_seeds_both_rows_have():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import study as S
+    ys = {0: 1.0, 1: 2.0, 2: 3.0}
+    # differences 0.1, 0.08, 0.04: t = 4.16 < t(0.975, 2) = 4.303, unmarked (2 standard errors would mark it)
+    assert S.delta({0: 1.1, 1: 2.08, 2: 3.04}, ys, 3) == '+0.073'
+    # 0.1, 0.1, 0.05: t = 5.0, marked, though the rows' spreads (SD 1) dwarf the difference unpaired
+    assert S.delta({0: 1.1, 1: 2.1, 2: 3.05}, ys, 3) == '+0.083 *'
+    assert S.delta({0: 1.1, 1: 2.1, 5: 9.0}, ys, 2) == '+0.10 *'  # seed 5 has no partner: two pairs, no spread
+    assert S.delta({0: 1.1}, ys, 2) == '+0.10' and S.delta({7: 1.0}, ys, 2) == '–'  # one pair: no test
+    assert abs(S.resolution([0.01, 0.01], 3) - 4.303 * (2 / 3) ** 0.5 * 0.01) < 1e-12
+
+
+def test_a_dead_attempt_counts_from_its_start_to_its_log_s_last_write(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import study as S
+    assert S.spent_before(tmp_path) == 0.0  # no attempt yet
+    (tmp_path / 'spent_s.json').write_text(json.dumps(dict(spent=100.0, started=1000.0)))
+    assert S.spent_before(tmp_path) == 100.0  # the attempt died before its first log line
+    (tmp_path / 'log.jsonl').write_text('{}\n')
+    os.utime(tmp_path / 'log.jsonl', (1250.0, 1250.0))
+    assert S.spent_before(tmp_path) == 350.0  # 100 before it, 250 of its own
+    (tmp_path / 'spent_s.json').write_text('42.0')  # an older file: a bare number
+    assert S.spent_before(tmp_path) == 42.0
+
+
 def test_steps_to_reach_interpolates_in_log_steps():
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import study as S
@@ -180,8 +206,8 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
     assert f"to {expected(0.300 - noise):.2f}x with it down" in text
     # the blog table: the two Muon rows with runs are compared with each other, beside the Δ to AdamW
     assert f"| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
-    assert ("of 3 comparisons (about 1 in 20 does by chance): "
-            "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
+    assert ("of 3 comparisons (1 each in val loss, attentive and linear top-1; about 0.1 marked by chance when "
+            "nothing differs): Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
     assert "| 12 | – | 0.500 ± 0.141 (2) | – | 0.600 ± 0.141 (2) |\n| 48 | 0.200 (1) | – | 0.300 (1) | – |" in text
     assert "a random encoder: attentive 0.200 ± 0.141 (2), linear 0.200 ± 0.141 (2)." in text
     assert "Machine time of all 16 runs so far: 0.0 core-hours training" in text  # 9 + 3 + 2 + 2 summaries of 1 s
