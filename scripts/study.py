@@ -7,6 +7,7 @@ architecture rows at Muon's tuned lr; 3 seeds; probes against a random encoder.
     python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best;
                                       #    then the 4x best of each at the other seeds
     python scripts/study.py seeds     # one setting (e.g. the quick start's) over seeds, against a random encoder
+    python scripts/study.py long      #    AdamW at 16x the length, at its 4x best lr (one seed)
     python scripts/study.py tables    # 3. the blog's rows, the probe experiment, the papers' flags: 3 seeds, probed
     python scripts/study.py report    # tables and plots of what has finished -> results/study/
 
@@ -302,6 +303,12 @@ def lengths(a):
                 run = Run(optimizer, lr, 4 * a.length, seed)
                 train(a, run)
                 probe(a, run)
+
+
+def long(a):
+    """AdamW at 16x the short length, at its 4x best lr, seed 0: whether AdamW reaches Muon's
+    4x loss late or never (the speedup's upper end)."""
+    train(a, Run('adamw', best_lr(a, 'adamw', 4 * a.length), 16 * a.length))
 
 
 def seeds(a):
@@ -857,7 +864,7 @@ def plots(a, sweeps, tables):
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'tables', 'report', 'seeds', 'tune', 'scale'))
+    p.add_argument('phase', choices=('sweep', 'lengths', 'long', 'tables', 'report', 'seeds', 'tune', 'scale'))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
@@ -878,7 +885,7 @@ def main(argv):
     for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale)[a.phase](a)
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale, long=long)[a.phase](a)
 
 
 if __name__ == '__main__':
