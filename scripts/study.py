@@ -523,7 +523,7 @@ def length_settings(a, optimizer, wait=True, trace=None):
     """{iters: the tuned setting} at the short length and at 4x and 16x it: the short length's
     tuned setting with its lr re-tuned at each longer length (from half, once and twice the
     previous length's best, bracketed). Stops at the first length not finished (report)."""
-    setting = coordinate_tune(a, optimizer, a.length, wait)
+    setting = coordinate_tune(a, optimizer, a.length, wait, trace)
     out = {a.length: setting} if setting else {}
     for iters in (4 * a.length, 16 * a.length):
         if setting is None:
@@ -691,16 +691,26 @@ def best_run(runs):
     return best, runs[best]['final_val'], min(runs) < best < max(runs)
 
 
-def steps_to_reach(points, target):
+INTERPOLATIONS = {  # (x of a length, y of a loss) in which a curve is a straight line between two lengths
+    'log-linear': (math.log, lambda v: v),  # the loss linear in log(steps)
+    'linear': (lambda n: n, lambda v: v),  # linear in steps
+    'power law': (math.log, math.log),  # log(loss) linear in log(steps)
+}
+
+
+def steps_to_reach(points, target, rule='log-linear'):
     """The run length at which a curve of (length, final val loss) points, decreasing
-    with length, reaches target: linear in log(length) between the two lengths around
-    it. None if no length reaches it (and the longest is a lower bound), 0 if all do."""
+    with length, reaches target: interpolated between the two lengths around it, straight
+    in the coordinates of INTERPOLATIONS[rule]. None if no length reaches it (and the
+    longest is a lower bound), 0 if all do."""
+    fx, fy = INTERPOLATIONS[rule]
     points = sorted(points)
     if points[0][1] <= target:
         return 0.0
     for (n0, v0), (n1, v1) in zip(points, points[1:]):
         if v0 > target >= v1:
-            return math.exp(math.log(n0) + (v0 - target) / (v0 - v1) * (math.log(n1) - math.log(n0)))
+            x = fx(n0) + (fy(v0) - fy(target)) / (fy(v0) - fy(v1)) * (fx(n1) - fx(n0))
+            return math.exp(x) if fx is math.log else x
     return None
 
 
@@ -822,6 +832,131 @@ def report(a):
     plots(a, sweeps, {name: stats for name, (_, stats) in tables.items()})
 
 
+HELD = {  # what the tuned protocol holds fixed, besides the config's model, data, batch and mask ratio
+    'adamw': "beta1 0.9, eps 1e-8, warmup from lr/3 then cosine to 0",
+    'muon': ("momentum 0.95, Nesterov, 5 Newton-Schulz steps, lr adjusted match_rms_adamw; its AdamW side's betas "
+             "(0.9, beta2 of the config) and weight decay (0.05 of the config, which there reaches only the patch "
+             "conv: norms, biases and the mask token never decay); warmup from lr/3 then cosine to 0"),
+}
+
+
+def report_tuned(a):
+    """The real-data study's report (tune, scale): results/<...>/study.md."""
+    os.makedirs(a.results, exist_ok=True)
+    L, lengths = a.length, (a.length, 4 * a.length, 16 * a.length)
+    parts = [f"# The tuned study: `{os.path.relpath(a.config, ROOT)}`", '',
+             f"Short length {L} steps, then {4 * L} and {16 * L}; probes `{' '.join((a.probe_config, *a.probe_args))}`. "
+             "Made by `python scripts/study.py report_tuned`. Wall times: one core per run, as measured, two runs at a "
+             "time.", '']
+    done = summaries(a)
+    parts += [f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
+              f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.", '']
+    settings, traces = {}, {}
+    parts += ['## 1. Tuning at the short length (seed 0, final val loss)', '',
+              "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
+              "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
+              "knob over its best and its neighbours, until a pass changes nothing.", '']
+    for optimizer in KNOBS:
+        trace = []
+        settings[optimizer] = length_settings(a, optimizer, wait=False, trace=trace)
+        traces[optimizer] = trace
+        for n, key, runs, best in trace:
+            if key == 'lr' and isinstance(n, int) and n > L:
+                continue  # a longer length's lr sweep: section 2
+            cells = [f"{'**' if v == best else ''}{v:g}: {r['final_val']:.4f}{'**' if v == best else ''}"
+                     for v, r in sorted(runs.items())]
+            parts.append(f"- {optimizer}, pass {n}, {key}: {', '.join(cells)}" + ('' if best is not None else
+                         ' (unfinished)'))
+        tuned = settings[optimizer].get(L)
+        parts += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
+                  if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
+    parts += lengths_tuned(a, settings, traces)
+    with open(os.path.join(a.results, 'study.md'), 'w') as f:
+        f.write('\n'.join(parts) + '\n')
+    print('\n'.join(parts))
+
+
+def lengths_tuned(a, settings, traces):
+    """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
+    the lr sweeps of the longer lengths, the checks at the longest, the speedup, the probes."""
+    L = a.length
+    lines = ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
+             '| steps | AdamW: lr, final val (seeds) | Muon: lr, final val (seeds) | Muon - AdamW (paired) |',
+             '|---|---|---|---|']
+    finals, runs_at = {}, {}
+    for iters in (L, 4 * L, 16 * L):
+        cells = []
+        for optimizer in ('adamw', 'muon'):
+            setting = settings[optimizer].get(iters)
+            runs = [r for r in (load(a, setting_run(a, optimizer, setting, iters, s)) for s in a.seeds) if r] \
+                if setting else []
+            runs_at[optimizer, iters] = runs
+            finals[optimizer, iters] = by_seed(runs, lambda r: r['final_val'])
+            cells.append(f"{setting['lr']:g}, {fmt(mean_sd(list(finals[optimizer, iters].values())), 4)}"
+                         if runs else '–')
+        lines.append(f"| {iters} | {' | '.join(cells)} | {delta(finals['muon', iters], finals['adamw', iters], 4)} |")
+    lines += ['', "Each length's lr re-tuned around the previous length's best (half, once, twice; widened at an "
+              "edge), the other knobs held at the short length's tuned values (an untied AdamW-side lr keeps its "
+              "ratio to Muon's):", '']
+    for optimizer, trace in traces.items():
+        for iters, key, runs, best in trace:
+            if key == 'lr' and iters > L:
+                lines.append(f"- {optimizer}, {iters} steps: " + ', '.join(
+                    f"{'**' if v == best else ''}{v:g}: {r['final_val']:.4f}{'**' if v == best else ''}"
+                    for v, r in sorted(runs.items())))
+    checked = []
+    for optimizer, trace in traces.items():
+        longest = settings[optimizer].get(16 * L)
+        base = load(a, setting_run(a, optimizer, longest, 16 * L)) if longest else None
+        short = [t for t in trace if not (t[1] == 'lr' and t[0] > L)]
+        if base is None or len(short) < len(KNOBS[optimizer]):
+            continue
+        for key, run in checks(a, optimizer, longest, short).items():
+            s = load(a, run)
+            if s:
+                verdict = 'holds' if s['final_val'] > base['final_val'] else 'DOES NOT HOLD'
+                checked.append(f"- {optimizer}, {key}: {run.name}: {s['final_val']:.4f} against the tuned "
+                               f"{base['final_val']:.4f} (seed 0): the short length's value {verdict}")
+    if checked:
+        lines += ['', f"Checks at {16 * L} steps, each tuned knob moved one grid step to its runner-up side:", ''] + checked
+    adamw = [(n, mean_sd(list(finals['adamw', n].values()))[0]) for n in (L, 4 * L, 16 * L) if finals['adamw', n]]
+    if finals['muon', L] and adamw:
+        target = mean_sd(list(finals['muon', L].values()))[0]
+        estimates = {rule: steps_to_reach(adamw, target, rule) for rule in INTERPOLATIONS}
+
+        def show(e):
+            return (f"more than {max(n for n, _ in adamw) / L:g}x" if e is None else
+                    f"at most {min(n for n, _ in adamw) / L:g}x" if e == 0 else f"{e / L:.2f}x")
+        lines += ['', f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at {L} steps "
+                  f"({target:.4f}), over {L}, by rule of interpolation between AdamW's seed means at "
+                  f"{', '.join(str(n) for n, _ in adamw)} steps: " +
+                  '; '.join(f"{rule} {show(e)}" for rule, e in estimates.items()) + '.']
+    probed = {k: [r['probes']['default'] for r in runs if 'default' in r['probes']] for k, runs in runs_at.items()}
+    floor = {name: {r['seed']: r['probes'][key] for r in runs_at['adamw', L] if key in r['probes']}
+             for name, key in (('random', 'random'), ('pixels', 'pixels=True_head=linear'))}
+    if any(probed.values()):
+        lines += ['', '| steps | attentive: AdamW | attentive: Muon | linear: AdamW | linear: Muon |',
+                  '|---|---|---|---|---|']
+        for iters in (L, 4 * L, 16 * L):
+            cells = [fmt(mean_sd([p[h] for p in probed['adamw' if o == 'adamw' else 'muon', iters]]), 3)
+                     if probed[o, iters] else '–' for h in HEADS for o in ('adamw', 'muon')]
+            lines.append(f"| {iters} | {' | '.join(cells)} |")
+        lines += ['', "Best probe top-1, mean ± sample SD (n). Floors, per seed: a random encoder (attentive "
+                  f"{fmt(mean_sd([p['attentive'] for p in floor['random'].values()]), 3) if floor['random'] else '–'}, "
+                  f"linear {fmt(mean_sd([p['linear'] for p in floor['random'].values()]), 3) if floor['random'] else '–'})"
+                  f" and the pixels through the linear probe (a logistic regression: "
+                  f"{fmt(mean_sd([p['linear'] for p in floor['pixels'].values()]), 3) if floor['pixels'] else '–'}). "
+                  "Margins over the floors, paired by seed:", '']
+        for (optimizer, iters), runs in runs_at.items():
+            mine = {h: by_seed(runs, lambda r: r['probes'].get('default', {}).get(h)) for h in HEADS}
+            if not mine['linear']:
+                continue
+            vs = [f"random {h} {delta(mine[h], {s: p[h] for s, p in floor['random'].items()}, 3)}" for h in HEADS]
+            vs.append(f"pixels linear {delta(mine['linear'], {s: p['linear'] for s, p in floor['pixels'].items()}, 3)}")
+            lines.append(f"- {optimizer}, {iters} steps: {'; '.join(vs)}")
+    return lines + ['']
+
+
 def plots(a, sweeps, tables):
     try:
         import matplotlib
@@ -864,7 +999,7 @@ def plots(a, sweeps, tables):
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'long', 'tables', 'report', 'seeds', 'tune', 'scale'))
+    p.add_argument('phase', choices=('sweep', 'lengths', 'long', 'tables', 'report', 'seeds', 'tune', 'scale', 'report_tuned'))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
@@ -885,7 +1020,7 @@ def main(argv):
     for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale, long=long)[a.phase](a)
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale, long=long, report_tuned=report_tuned)[a.phase](a)
 
 
 if __name__ == '__main__':

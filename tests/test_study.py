@@ -324,3 +324,56 @@ def test_with_lr_keeps_an_untied_adamw_side_in_ratio():
     import study as S
     assert S.with_lr(dict(lr=1e-2, adamw_lr=2.5e-3), 4e-2) == dict(lr=4e-2, adamw_lr=1e-2)
     assert S.with_lr(dict(lr=1e-2, adamw_lr=0.0), 4e-2) == dict(lr=4e-2, adamw_lr=0.0)  # tied stays tied
+
+
+def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_checks(tmp_path):
+    """A whole tuned study made up: both optimizers tuned (report mode, summaries written as
+    asked), every length's setting at 3 seeds with probes and the floors; the report's lines
+    must be what the formulas give."""
+    import math
+    S, a = made_up_study(tmp_path)
+    a.seeds, a.probe_config, a.probe_args = range(3), 'config/probe_fmnist.py', []
+
+    def loss(run):  # a bowl in lr around 8e-3 (AdamW) or 3.2e-2 (Muon), falling with length; seeds shift it
+        best = 3.2e-2 if run.optimizer == 'muon' else 8e-3
+        level = {12: 0.40, 48: 0.30, 192: 0.25}[run.iters] - (0.05 if run.optimizer == 'muon' else 0.0)
+        return level + 0.01 * math.log(run.lr / best) ** 2 + 0.001 * len(run.flags) + 0.002 * run.seed
+    for optimizer in ('adamw', 'muon'):
+        settings, _ = fill(S, a, lambda: (lambda s: s if len(s) == 3 else None)(
+            S.length_settings(a, optimizer, wait=False)), loss)
+        for iters, setting in settings.items():
+            for seed in (1, 2):
+                run = S.setting_run(a, optimizer, setting, iters, seed)
+                S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0,
+                                    probes={}))
+            for seed in (0, 1, 2):  # probes: Muon reads 0.1 above AdamW; the floors per seed
+                run = S.setting_run(a, optimizer, setting, iters, seed)
+                s = S.load(a, run)
+                s['probes']['default'] = dict(attentive=0.5 + 0.1 * (optimizer == 'muon') + 0.01 * seed,
+                                              linear=0.6 + 0.1 * (optimizer == 'muon') + 0.02 * seed, warning='',
+                                              probe_s=1.0)
+                if optimizer == 'adamw' and iters == 12:
+                    s['probes']['random'] = dict(attentive=0.3, linear=0.2 + 0.01 * seed, warning='', probe_s=1.0)
+                    s['probes']['pixels=True_head=linear'] = dict(linear=0.8, warning='', probe_s=1.0)
+                S.save(a, run, s)
+        trace = []
+        S.coordinate_tune(a, optimizer, 12, wait=False, trace=trace)
+        for run in S.checks(a, optimizer, settings[192], trace).values():
+            S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run) - 0.01 * (run.optimizer == 'muon'),
+                                curve={}, train_s=1.0, probes={}))
+    S.report_tuned(a)
+    text = (tmp_path / 'results' / 'study.md').read_text()
+    # seed means: AdamW 0.402, 0.302, 0.252 (seeds add 0, 0.002, 0.004); Muon 0.05 lower, exactly paired
+    assert "| 12 | 0.008, 0.4020 ± 0.0020 (3) | 0.032, 0.3520 ± 0.0020 (3) | -0.0500 * |" in text
+    assert "| 192 | 0.008, 0.2520 ± 0.0020 (3) | 0.032, 0.2020 ± 0.0020 (3) | -0.0500 * |" in text
+    # Muon's 0.352 at 12 steps lies between AdamW's 0.402 (12) and 0.302 (48): halfway
+    log_linear, linear = 12 * 2 ** 1, 12 + 0.5 * 36
+    power = math.exp(math.log(12) + (math.log(0.402) - math.log(0.352)) / (math.log(0.402) - math.log(0.302))
+                     * math.log(4))
+    assert (f"log-linear {log_linear / 12:.2f}x; linear {linear / 12:.2f}x; power law {power / 12:.2f}x."
+            in text), text
+    # the checks: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001 (do not hold)
+    assert text.count('the short length\'s value holds') == 3 and text.count('DOES NOT HOLD') == 3
+    # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s
+    assert "- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; pixels linear -0.180 *" in text
+    assert "- muon, 192 steps: random attentive +0.310 *; random linear +0.510 *; pixels linear -0.080 *" in text
