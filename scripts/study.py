@@ -555,6 +555,32 @@ def checks(a, optimizer, tuned, trace):
     return out
 
 
+def row_run(a, row, seed, settings):
+    """A table row in the tuned study: its optimizer's tuned setting at 4x the short length
+    (settings: {optimizer: setting}), plus the row's flags."""
+    run = setting_run(a, row.optimizer, settings[row.optimizer], 4 * a.length, seed)
+    return run._replace(flags=tuple(sorted(run.flags + row.flags)))
+
+
+def tuned_at(a, iters):
+    """{optimizer: its tuned setting at iters steps} of AdamW and Muon, None where unfinished."""
+    return {o: length_settings(a, o, wait=False).get(iters) for o in ('adamw', 'muon')}
+
+
+def rows(a):
+    """The tuned study's tables (--tables; the blog's rows and its probe experiment) at 4x the
+    short length, each row at its optimizer's tuned setting there, --seeds seeds, probed."""
+    settings = tuned_at(a, 4 * a.length)
+    if None in settings.values():
+        sys.exit(f"error: AdamW's or Muon's setting at {4 * a.length} steps is not tuned yet: run tune and scale first")
+    for seed in a.seeds:
+        for name in a.tables:
+            for row in TABLES[name]:
+                run = row_run(a, row, seed, settings)
+                train(a, run)
+                probe(a, run, row.probe)
+
+
 def scale(a):
     """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
     16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
@@ -625,11 +651,14 @@ METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: ke
 HEADS = ('attentive', 'linear')
 
 
-def report_table(a, name):
+def report_table(a, name, run_of=None, floor=None):
+    """A table's text and stats: run_of(row, seed) -> its Run (default: the built-in study's
+    table_runs), floor: {seed: random-encoder probes} (default: floor_probes)."""
+    run_of = run_of or (lambda row, seed: table_runs(a, row, seed))
     rows, lines = TABLES[name], []
     stats = []
     for row in rows:
-        runs = [load(a, table_runs(a, row, seed)) for seed in a.seeds]
+        runs = [load(a, run_of(row, seed)) for seed in a.seeds]
         runs = [r for r in runs if r is not None]
         key = '_'.join(f.lstrip('-') for f in row.probe) or 'default'
         seeds = dict(val=by_seed(runs, lambda r: r['final_val']),
@@ -638,7 +667,7 @@ def report_table(a, name):
         stats.append(dict(row=row, runs=runs, seeds=seeds, edge=sum(bool(p['warning']) for p in probes),
                           probe_s=sum(p['probe_s'] for p in probes)))
     if name != 'probe_optimizer':
-        floor = floor_probes(a)
+        floor = floor_probes(a) if floor is None else floor
         stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], edge=0,
                           probe_s=sum(p['probe_s'] for p in floor.values()),
                           seeds=dict(val={}, **{head: {s: p[head] for s, p in floor.items()} for head in HEADS})))
@@ -649,7 +678,7 @@ def report_table(a, name):
               '|' + '---|' * 9]
     for i, s in enumerate(stats):
         row = s['row']
-        lr = f"{row.optimizer} {best_lr(a, row.optimizer, a.length):g}" if s['runs'] else '–'
+        lr = f"{row.optimizer} {run_of(row, 0).lr:g}" if s['runs'] else '–'
         cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''), lr]
         for key, digits in METRICS:
             cells += [fmt(s[key], digits), 'baseline' if i == 0 else delta(s['seeds'][key], base['seeds'][key], digits)]
@@ -871,6 +900,14 @@ def report_tuned(a):
         parts += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
                   if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
     parts += lengths_tuned(a, settings, traces)
+    at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
+    floor = {r['seed']: r['probes']['random'] for r in (load(a, setting_run(a, 'adamw', settings['adamw'][L], L, s))
+                                                         for s in a.seeds) if r and 'random' in r['probes']} \
+        if settings['adamw'].get(L) else {}
+    for name in (n for n in a.tables if n != 'papers'):
+        if None not in at.values():
+            text, _ = report_table(a, name, lambda row, seed: row_run(a, row, seed, at), floor)
+            parts += [f"## {name}, at {4 * L} steps", '', text, '']
     with open(os.path.join(a.results, 'study.md'), 'w') as f:
         f.write('\n'.join(parts) + '\n')
     print('\n'.join(parts))
@@ -999,7 +1036,7 @@ def plots(a, sweeps, tables):
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'long', 'tables', 'report', 'seeds', 'tune', 'scale', 'report_tuned'))
+    p.add_argument('phase', choices=('sweep', 'lengths', 'long', 'tables', 'report', 'seeds', 'tune', 'scale', 'rows', 'report_tuned'))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
@@ -1020,7 +1057,7 @@ def main(argv):
     for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale, long=long, report_tuned=report_tuned)[a.phase](a)
+    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale, rows=rows, long=long, report_tuned=report_tuned)[a.phase](a)
 
 
 if __name__ == '__main__':

@@ -332,7 +332,7 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     must be what the formulas give."""
     import math
     S, a = made_up_study(tmp_path)
-    a.seeds, a.probe_config, a.probe_args = range(3), 'config/probe_fmnist.py', []
+    a.seeds, a.probe_config, a.probe_args, a.tables = range(3), 'config/probe_fmnist.py', [], ['blog']
 
     def loss(run):  # a bowl in lr around 8e-3 (AdamW) or 3.2e-2 (Muon), falling with length; seeds shift it
         best = 3.2e-2 if run.optimizer == 'muon' else 8e-3
@@ -361,8 +361,17 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
         for run in S.checks(a, optimizer, settings[192], trace).values():
             S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run) - 0.01 * (run.optimizer == 'muon'),
                                 curve={}, train_s=1.0, probes={}))
+    at = S.tuned_at(a, 48)
+    for seed in (0, 1, 2):  # the blog's rows at 48 steps: the no-bias rows 0.002 + 0.0001 * seed above the others
+        for row in S.TABLES['blog']:
+            run = S.row_run(a, row, seed, at)
+            if S.load(a, run) is None:
+                S.save(a, run, dict(run._asdict(), name=run.name, curve={}, train_s=1.0, probes={}, final_val=loss(
+                    run._replace(flags=())) + (0.002 + 0.0001 * seed) * ('--bias=False' in run.flags)))
     S.report_tuned(a)
     text = (tmp_path / 'results' / 'study.md').read_text()
+    assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.032 | 0.25410 ± 0.00210 (3) | -0.04790 * |" in text
+    assert "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.00210 *" in text  # paired: t = 36
     # seed means: AdamW 0.402, 0.302, 0.252 (seeds add 0, 0.002, 0.004); Muon 0.05 lower, exactly paired
     assert "| 12 | 0.008, 0.4020 ± 0.0020 (3) | 0.032, 0.3520 ± 0.0020 (3) | -0.0500 * |" in text
     assert "| 192 | 0.008, 0.2520 ± 0.0020 (3) | 0.032, 0.2020 ± 0.0020 (3) | -0.0500 * |" in text
