@@ -668,11 +668,12 @@ def param_groups(model, c):
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if p.ndim < 2 or name == 'mask_token':
-                groups['no_decay'].append((f"{module_name}.{name}", p))
+                key = 'no_decay'
             elif c.optimizer == 'muon' and (isinstance(module, nn.Linear) or (c.muon_conv and isinstance(module, nn.Conv2d))):
-                groups['muon'].append((f"{module_name}.{name}", p))
+                key = 'muon'
             else:
-                groups['decay'].append((f"{module_name}.{name}", p))
+                key = 'decay'
+            groups[key].append((f"{module_name}.{name}" if module_name else name, p))  # state_dict's names
     return groups
 
 

@@ -230,6 +230,40 @@ def probe(a, run, flags=(), random_encoder=False):
 # -----------------------------------------------------------------------------
 # the phases
 
+# the bracketing rule, for the lr and every other tuned knob
+
+class Knob(NamedTuple):
+    """A tuned hyperparameter: its train_mae.py key ('lr' is the Run's own), its first grid
+    (a tuple, or a function of the current setting), and the value nothing lies beyond (a
+    weight decay of 0: a best there counts as inside). beta2 is widened in 1 - beta2."""
+    key: str
+    grid: object
+    floor: float = None
+
+
+def beyond(knob, values, edge):
+    """The next value past values' edge (min or max) at the ratio of the two values there,
+    or None where the edge is the knob's floor."""
+    if edge == min(values) and edge == knob.floor:
+        return None
+    to, back = (lambda v: 1 - v, lambda t: 1 - t) if knob.key == 'beta2' else (lambda v: v, lambda t: t)
+    ordered = sorted(values, key=to)  # increasing in the space the grid is geometric in
+    first, second = (ordered[0], ordered[1]) if to(edge) == to(ordered[0]) else (ordered[-1], ordered[-2])
+    return float(f"{back(to(first) ** 2 / to(second)):.6g}")
+
+
+def bracket(knob, finals):
+    """finals {value: final val loss} of a sweep: (best value, inside, the value to try next).
+    The best is inside when values lie on both sides of it, or it sits on the knob's floor;
+    else the next value lies past the edge that holds it. The study's one bracketing rule."""
+    best = min(finals, key=finals.get)
+    inside = len(finals) > 1 and (min(finals) < best < max(finals) or best == knob.floor)
+    return best, inside, None if inside or len(finals) < 2 else beyond(knob, list(finals), best)
+
+
+LR = Knob('lr', LRS)
+
+
 def summaries(a):
     """Every finished run's summary, in name order."""
     folder = os.path.join(a.results, 'runs')
@@ -250,8 +284,7 @@ def tuned_lr(a, optimizer, iters):
     """The best lr of the optimizer's sweep at iters steps if it lies inside the sweep, else None
     (not run yet, or still being widened)."""
     runs = sweep_runs(a, optimizer, iters)
-    best = min(runs, key=lambda lr: runs[lr]['final_val']) if runs else None
-    return best if runs and min(runs) < best < max(runs) else None
+    return best_run(runs)[0] if runs and best_run(runs)[2] else None
 
 
 def best_lr(a, optimizer, iters):
@@ -272,14 +305,11 @@ def tune(a, optimizer, iters, lrs):
         done = sweep_runs(a, optimizer, iters)
         if a.dry_run or set(lrs) - set(done):
             return  # other processes are still on some
-        best = min(done, key=lambda lr: done[lr]['final_val'])
-        if best == min(lrs) and best / 2 >= 1e-6:
-            lrs.insert(0, best / 2)
-        elif best == max(lrs) and best * 2 <= 1.0:
-            lrs.append(best * 2)
-        else:
+        best, inside, more = bracket(LR, {lr: done[lr]['final_val'] for lr in lrs})
+        if inside or more is None or not 1e-6 <= more <= 1.0:
             print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {iters} steps")
             return
+        lrs = sorted(lrs + [more])
 
 
 def sweep(a):
@@ -397,15 +427,6 @@ def tables(a):
 # -----------------------------------------------------------------------------
 # tuning beyond the lr (the real-data study): coordinate-wise, one hyperparameter at a time
 
-class Knob(NamedTuple):
-    """A tuned hyperparameter: its train_mae.py key ('lr' is the Run's own), its first grid
-    (a tuple, or a function of the current setting), and the value nothing lies beyond (a
-    weight decay of 0: a best there counts as inside). beta2 is widened in 1 - beta2."""
-    key: str
-    grid: object
-    floor: float = None
-
-
 KNOBS = {  # in the order they are tuned; what is held fixed: report's HELD
     'adamw': (Knob('lr', (1e-3, 2e-3, 4e-3, 8e-3)), Knob('beta2', (0.95, 0.99, 0.999)),
               Knob('weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
@@ -434,26 +455,6 @@ def setting_run(a, optimizer, setting, iters, seed=0):
     return Run(optimizer, setting['lr'], iters, seed, tuple(sorted(flags)))
 
 
-def beyond(knob, values, edge):
-    """The next value past values' edge (min or max) at the ratio of the two values there,
-    or None where the edge is the knob's floor."""
-    if edge == min(values) and edge == knob.floor:
-        return None
-    to, back = (lambda v: 1 - v, lambda t: 1 - t) if knob.key == 'beta2' else (lambda v: v, lambda t: t)
-    ordered = sorted(values, key=to)  # increasing in the space the grid is geometric in
-    first, second = (ordered[0], ordered[1]) if to(edge) == to(ordered[0]) else (ordered[-1], ordered[-2])
-    return float(f"{back(to(first) ** 2 / to(second)):.6g}")
-
-
-def bracket(knob, finals):
-    """finals {value: final val loss}: (best value, the value to add next or None when the
-    best is inside the values or on the knob's floor). The one bracketing rule."""
-    best = min(finals, key=finals.get)
-    if len(finals) > 1 and best in (min(finals), max(finals)):
-        return best, beyond(knob, list(finals), best)
-    return best, None
-
-
 def sweep_knob(a, optimizer, iters, setting, knob, values, wait, make=None):
     """Train setting with knob at each of values (make(setting, value) -> the setting of a
     value; by default the knob set to it), widened while the best lies on an edge.
@@ -469,8 +470,8 @@ def sweep_knob(a, optimizer, iters, setting, knob, values, wait, make=None):
                 return None, {v: s for v, s in done.items() if s}
             time.sleep(30)
             continue
-        best, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
-        if more is None:
+        best, inside, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
+        if inside or more is None:
             return best, done
         values.append(more)
 
@@ -716,8 +717,9 @@ def report_table(a, name, run_of=None, floor=None):
 
 
 def best_run(runs):
-    best = min(runs, key=lambda lr: runs[lr]['final_val'])
-    return best, runs[best]['final_val'], min(runs) < best < max(runs)
+    """runs {lr: summary} of a sweep: (best lr, its final val loss, whether it is inside)."""
+    best, inside, _ = bracket(LR, {lr: r['final_val'] for lr, r in runs.items()})
+    return best, runs[best]['final_val'], inside
 
 
 INTERPOLATIONS = {  # (x of a length, y of a loss) in which a curve is a straight line between two lengths
@@ -841,10 +843,10 @@ def report(a):
             runs = sweep_runs(a, optimizer, iters)
             if runs:
                 sweeps[optimizer, iters] = runs
-                best = min(runs, key=lambda lr: runs[lr]['final_val'])
+                best, _, inside = best_run(runs)
                 cells = [f"{'**' if lr == best else ''}{lr:g}: {runs[lr]['final_val']:.4f}{'**' if lr == best else ''}"
                          for lr in sorted(runs)]
-                inside = 'inside' if min(runs) < best < max(runs) else 'ON THE EDGE'
+                inside = 'inside' if inside else 'ON THE EDGE'
                 minutes = sum(r['train_s'] for r in runs.values()) / 60
                 parts.append(f"- {optimizer}, {iters} steps: {', '.join(cells)} (best {inside}; {minutes:.0f} min)")
     parts.append('')

@@ -139,3 +139,31 @@ def test_adamw_lr_sets_the_adamw_side_of_a_muon_run_and_only_it(tmp_path, adamw_
     assert [g['lr'] for g in muon['param_groups']] == [pytest.approx(3e-3 * factor)]
     assert [g['lr'] for g in adamw['param_groups']] == [pytest.approx((adamw_lr or 3e-3) * factor)] * 2
     assert [g['weight_decay'] for g in adamw['param_groups']] == [c.weight_decay, 0.0]
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_one_step_decays_each_kind_of_parameter_as_its_group_says(optimizer):
+    """What one step with zero gradients does (Adam's and Muon's updates of a zero gradient
+    are zero, so only the decoupled weight decay moves a parameter): matrices shrink by
+    lr * weight_decay (Muon's by lr * muon_weight_decay), and norms, biases and the mask
+    token, which decay nowhere, stay exactly as they were."""
+    c = T.SimpleNamespace(**{**T.CONFIG, 'enc_depth': 1, 'dec_depth': 1, 'img_size': 32, 'patch_size': 8,
+                             'enc_dim': 64, 'enc_heads': 2, 'dec_dim': 32, 'dec_heads': 2, 'optimizer': optimizer,
+                             'lr': 0.1, 'weight_decay': 0.3, 'muon_weight_decay': 0.7})
+    torch.manual_seed(0)
+    model = T.build_model(c)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # no zero parameters (biases, the mask token): a decay would show on each
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for opt in T.build_optimizers(model, c, 'cpu', log=lambda *a: None):
+        opt.step()
+    groups = T.param_groups(model, c)
+    shrink = {'decay': 1 - 0.1 * 0.3, 'muon': 1 - 0.1 * 0.7, 'no_decay': 1.0}
+    for key, named in groups.items():
+        for name, p in named:
+            torch.testing.assert_close(p.detach(), before[name] * shrink[key], rtol=1e-6, atol=0, msg=name)
+    assert groups['no_decay'] and groups['decay'] and (optimizer == 'adamw') == (not groups['muon'])
+    assert {'mask_token', 'blocks.0.norm1.weight', 'blocks.0.attn.qkv.bias'} <= {n for n, _ in groups['no_decay']}

@@ -347,6 +347,85 @@ def test_train_and_val_crop_pixels_match_crops_made_here(tmp_path):
         assert np.abs(got[3:-3, 3:-3] - want[3:-3, 3:-3]).max() <= 1
 
 
+def textured_image(W, H, seed=0):
+    """A photo-like texture (smooth noise at 4, 16 and 64 px): fine detail that a blurred
+    or wrongly placed crop cannot hide."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((H, W, 3))
+    for s in (4, 16, 64):
+        small = rng.normal(size=(H // s + 2, W // s + 2, 3))
+        small = ((small - small.min()) / np.ptp(small) * 255).astype(np.uint8)
+        img += np.asarray(Image.fromarray(small).resize((W + 2 * s, H + 2 * s), Image.BICUBIC))[:H, :W] / 3
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+class OneFile:
+    """A one-image source for MAEDataset."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 1
+
+    def name(self, i):
+        return self.path
+
+    def open(self, i):
+        return Image.open(self.path), 0
+
+
+def slow_train_crops(path, S, scale, epochs):
+    """(the loader's crop, the slow path's) per epoch: the slow path decodes the whole image
+    and resizes the crop's box with PIL (its two passes, horizontal first, as the loader's),
+    from the same rng draws, with the same flip."""
+    dataset = T.MAEDataset(OneFile(path), S, True, 4, 0, scale)
+    for epoch in range(epochs):
+        fast, _, _ = dataset.load(0, np.random.default_rng([0, 1, epoch, 0]))
+        rng = np.random.default_rng([0, 1, epoch, 0])
+        full = T.to_rgb(Image.open(path))
+        W, H = full.size
+        x0, y0, w, h = T.random_resized_crop(W, H, scale, rng)
+        x0, y0, x1, y1 = np.float32([x0, y0, x0 + w, y0 + h]).tolist()
+        slow = full.resize((S, H), Image.BICUBIC, box=(x0, 0, x1, H)).resize((S, S), Image.BICUBIC, box=(0, y0, S, y1))
+        if rng.random() < 0.5:
+            slow = slow.transpose(Image.FLIP_LEFT_RIGHT)
+        yield np.asarray(fast).astype(int), np.asarray(slow).astype(int), min(w, h)
+
+
+def test_a_lossless_crop_is_pils_resize_of_the_box_in_the_whole_image_to_the_last_pixel(tmp_path):
+    """The loader decodes only the crop's box and bicubic's reach around it: with a lossless
+    image every pixel, the crop's edges included, must be what PIL makes from the whole image."""
+    textured_image(200, 150).save(tmp_path / 'x.png')
+    for fast, slow, _ in slow_train_crops(str(tmp_path / 'x.png'), 32, (0.05, 1.0), 30):
+        np.testing.assert_array_equal(fast, slow)
+
+
+def test_a_jpeg_crop_is_decoded_at_the_smallest_scale_that_keeps_the_crops_pixels(tmp_path, monkeypatch):
+    """JPEG draft decoding (1/2, 1/4, 1/8 scale in the DCT) must keep at least S source pixels
+    across the crop (else the crop is upsampled: blurry) and use the smallest scale that does
+    (else the speed is lost). Then the pixels differ from a full decode only by what the DCT's
+    scaled decoding changes: on this texture at quality 95, 0.6-0.7 levels on average (a draft
+    at half the needed size reads twice that), never more than 6 in a pixel."""
+    from PIL import JpegImagePlugin
+    textured_image(512, 384).save(tmp_path / 'x.jpg', quality=95)
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+
+    def recording_draft(self, mode, size):
+        out = draft(self, mode, size)
+        scales.append(512 / self.size[0])  # the decoded scale's denominator: 1, 2, 4 or 8
+        return out
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft', recording_draft)
+    errors = []
+    for S in (32, 64):
+        for fast, slow, side in slow_train_crops(str(tmp_path / 'x.jpg'), S, (0.05, 1.0), 20):
+            k = scales[-1]  # the crop's shorter side must keep S pixels at 1/k, and would not at 1/(2k)
+            assert side / k >= S and (k == 8 or side / (2 * k) < S), (S, side, k)
+            errors.append(np.abs(fast - slow))
+    assert {1, 2, 4, 8} & set(scales) != {1}  # the crops used reduced scales
+    assert np.mean([e.mean() for e in errors]) < 0.9 and max(e.max() for e in errors) <= 8
+
+
 # --- the loss falls where a broken model's cannot ---------------------------------
 
 def write_band_images(folder, n, size, offset, rng, p=7):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 TINY_CONFIG = """data_dir = 'synthetic'
@@ -386,3 +388,30 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s
     assert "- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; pixels linear -0.180 *" in text
     assert "- muon, 192 steps: random attentive +0.310 *; random linear +0.510 *; pixels linear -0.080 *" in text
+
+
+def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypatch):
+    """The bracketing rule wherever the built-in study reads a sweep: a best on the edge is
+    not tuned (tuned_lr None, the tables wait for it, the report says so), and the sweep phase
+    widens it, by a factor of 2, until it is inside."""
+    S, a = made_up_study(tmp_path)
+    a.tables, a.dry_run, a.seeds = ['blog'], False, range(1)
+    losses = {1e-3: 0.5, 2e-3: 0.4, 4e-3: 0.3, 8e-3: 0.35}  # the best, 4e-3, inside only once 8e-3 has run
+
+    def fake_train(a, run):  # "trains" by writing a summary
+        if S.load(a, run) is None:
+            S.save(a, run, dict(run._asdict(), name=run.name, final_val=losses[run.lr], curve={}, train_s=1.0,
+                                probes={}))
+        return S.load(a, run)
+    for lr in (1e-3, 2e-3, 4e-3):
+        fake_train(a, S.Run('adamw', lr, 12))
+    runs = S.sweep_runs(a, 'adamw', 12)
+    assert S.tuned_lr(a, 'adamw', 12) is None and S.best_run(runs)[2] is False
+    assert S.unready_tables(a) == {'blog': ['adamw', 'muon']}
+    with pytest.raises(SystemExit, match='unfinished'):
+        S.best_lr(a, 'adamw', 12)
+    monkeypatch.setattr(S, 'train', fake_train)
+    S.tune(a, 'adamw', 12, [1e-3, 2e-3, 4e-3])  # widens once, to 8e-3, and stops: 4e-3 is inside
+    assert sorted(S.sweep_runs(a, 'adamw', 12)) == [1e-3, 2e-3, 4e-3, 8e-3]
+    assert S.tuned_lr(a, 'adamw', 12) == 4e-3 and S.best_run(S.sweep_runs(a, 'adamw', 12)) == (4e-3, 0.3, True)
+    assert S.unready_tables(a) == {'blog': ['muon']}
