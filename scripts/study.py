@@ -803,7 +803,23 @@ def lengths_section(a, sweeps):
         if ('muon', iters) in mean and steps_to_reach(adamw, mean['muon', iters][0]) is None:
             lines.append(f"Muon's mean final val loss at {iters} steps ({mean['muon', iters][0]:.4f}): no AdamW run "
                          f"length reaches it (the longest, {longest} steps, ends at {dict(adamw)[longest]:.4f}).")
+    lines += long_run(a, {n: mean['muon', n][0] for n in (L, 4 * L) if ('muon', n) in mean})
     return lines
+
+
+def long_run(a, targets):
+    """The `long` phase's AdamW run (16x, at the 4x best lr, seed 0) against Muon's seed means
+    targets {length: loss}: where along its val curve it first reaches each."""
+    lr = tuned_lr(a, 'adamw', 4 * a.length)
+    run = load(a, Run('adamw', lr, 16 * a.length)) if lr else None
+    if run is None:
+        return []
+    curve = sorted((int(k), v) for k, v in run['curve'].items())
+    reached = [f"Muon's {n}-step mean ({t:.4f}) " + next((f"first at step {k}" for k, v in curve if v <= t),
+                                                         "never") for n, t in sorted(targets.items())]
+    return ['', f"**AdamW at {16 * a.length} steps** (lr {lr:g}, the {4 * a.length}-step best; seed 0; "
+            f"{run['train_s'] / 3600:.1f} core-hours): final val loss {run['final_val']:.4f}; along its val curve "
+            f"(every {curve[1][0] - curve[0][0]} steps) it reaches " + '; '.join(reached) + '.']
 
 
 def probes_by_length(a, probed):

@@ -192,6 +192,10 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
     summary('muon', 2e-3, 12, 0.302, seed=1, probes=probes(0.6, 0.7, random=0.3))
     for seed, v in enumerate((0.320, 0.324)):  # the blog table's no-bias row, far from the Muon row
         summary('muon', 2e-3, 12, v, seed, flags=['--bias=False'])
+    long = dict(optimizer='adamw', lr=2e-3, iters=192, seed=0, flags=[], name='adamw_lr0.002_len192_seed0',
+                config='tiny.py', curve={'48': 0.31, '96': 0.295, '144': 0.29, '192': 0.28}, final_val=0.28,
+                train_s=1.0, probes={})  # the long phase's run: AdamW at 16x, at the 4x best lr
+    (runs / 'adamw_lr0.002_len192_seed0.json').write_text(json.dumps(long))
     p = study(['report', f'--config={config}', '--length=12', '--tables=blog', f'--results={tmp_path / "results"}',
                f'--out={tmp_path / "out"}'])
     assert p.communicate(timeout=300)[0] and p.returncode == 0
@@ -212,7 +216,9 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
             "nothing differs): Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
     assert "| 12 | – | 0.500 ± 0.141 (2) | – | 0.600 ± 0.141 (2) |\n| 48 | 0.200 (1) | – | 0.300 (1) | – |" in text
     assert "a random encoder: attentive 0.200 ± 0.141 (2), linear 0.200 ± 0.141 (2)." in text
-    assert "Machine time of all 16 runs so far: 0.0 core-hours training" in text  # 9 + 3 + 2 + 2 summaries of 1 s
+    assert "Machine time of all 17 runs so far: 0.0 core-hours training" in text  # 9 + 3 + 2 + 2 + 1 summaries of 1 s
+    assert ("**AdamW at 192 steps** (lr 0.002, the 48-step best; seed 0; 0.0 core-hours): final val loss 0.2800; along "
+            "its val curve (every 48 steps) it reaches Muon's 12-step mean (0.3000) first at step 96.") in text
 
 
 def test_patch_loss_splits_the_val_loss_that_training_logged(tmp_path):
