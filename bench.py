@@ -22,6 +22,7 @@ seconds (CPU_DEFAULTS), and keys given on the command line still win.
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import resource
 import statistics
@@ -48,6 +49,8 @@ only = ''  # run one bench: 'train', 'muon_step', 'loader', 'probe_sweep' or 'op
 # train
 iters = 10  # timed optimizer steps of batch_size images (the median counts), as train_mae's: with accumulation
 warmup_iters = 3  # untimed steps first: compilation, allocator warm-up
+compile_backend = 'inductor'  # torch.compile's backend with compile=True; 'aot_eager' traces the same graphs without
+#                               generating kernels (seconds instead of a minute: scripts/gpu_check.py's CPU dry run)
 peak_flops = 0.0  # the device's bf16 dense FLOP/s for mfu; 0 looks the GPU up in PEAK_FLOPS (CPU: mfu is null)
 # muon_step
 muon_iters = 10  # timed steps of each optimizer, after one untimed (the median counts)
@@ -155,7 +158,7 @@ def bench_train(c):
     torch.manual_seed(c.seed)
     model = train_mae.build_model(c).to(dev)
     optimizers = train_mae.build_optimizers(model, c, dev.split(':')[0], log=lambda *a: None)
-    train_model = torch.compile(model) if c.compile else model
+    train_model = torch.compile(model, backend=c.compile_backend) if c.compile else model
     # synthetic tensors already on the device: the model step alone (the loader has its own bench)
     imgs = torch.randn(c.micro_batch_size, 3, c.img_size, c.img_size, device=dev)
     noise = torch.rand(c.micro_batch_size, model.num_patches, device=dev)
@@ -221,29 +224,36 @@ def bench_muon_step(c):
                params=sum(p.numel() for p in params), world=dist.get_world_size() if dist.is_initialized() else 1)
 
 
-def make_jpegs(folder, n, seed=0):
-    """n JPEGs of 500x375 at quality 90 in 10 class folders, written once. Noise at four
-    scales, from blobs to grain, so the files are ~90 KB (ImageNet's average is ~110 KB)
-    and take as long to decode as photos."""
+def make_jpegs(folder, n, seed=0, workers=1):
+    """n JPEGs of 500x375 at quality 90 in 10 class folders, written once, by `workers` processes."""
+    jobs = [(os.path.join(folder, f"class{i % 10}", f"{i:06d}.jpg"), seed, i) for i in range(n)]
+    jobs = [job for job in jobs if not os.path.exists(job[0])]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.Pool(workers) as pool:
+            pool.starmap(make_jpeg, jobs)
+    else:
+        for job in jobs:
+            make_jpeg(*job)
+
+
+def make_jpeg(path, seed, i):
+    """Noise at four scales, from blobs to grain, so the files are ~90 KB (ImageNet's
+    average is ~110 KB) and take as long to decode as photos."""
     W, H = 500, 375
-    for i in range(n):
-        path = os.path.join(folder, f"class{i % 10}", f"{i:06d}.jpg")
-        if os.path.exists(path):
-            continue
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        rng = np.random.default_rng([seed, i])
-        img = np.full((H, W, 3), 128, np.float32)
-        for cells, amplitude in ((8, 90), (32, 40), (128, 25), (W, 12)):
-            low = rng.normal(0, amplitude, (3, cells * H // W, cells)).astype(np.float32)
-            img += np.stack([np.asarray(Image.fromarray(ch).resize((W, H), Image.BICUBIC)) for ch in low], axis=-1)
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng([seed, i])
+    img = np.full((H, W, 3), 128, np.float32)
+    for cells, amplitude in ((8, 90), (32, 40), (128, 25), (W, 12)):
+        low = rng.normal(0, amplitude, (3, cells * H // W, cells)).astype(np.float32)
+        img += np.stack([np.asarray(Image.fromarray(ch).resize((W, H), Image.BICUBIC)) for ch in low], axis=-1)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
 def bench_loader(c):
     with contextlib.ExitStack() as stack:
         root = c.bench_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix='nanomae_bench_'))
         folder = os.path.join(root, 'jpegs')
-        make_jpegs(os.path.join(folder, 'train'), c.loader_images, c.seed)
+        make_jpegs(os.path.join(folder, 'train'), c.loader_images, c.seed, os.cpu_count())
         make_jpegs(os.path.join(folder, 'val'), 10, c.seed + 1)  # prepare_data.py packs both splits
         sources = dict(folder=train_mae.ImageFolder(os.path.join(folder, 'train')))
         n = len(sources['folder'])
@@ -348,10 +358,14 @@ BENCHES = dict(train=bench_train, muon_step=bench_muon_step, loader=bench_loader
                optim_state=bench_optim_state)
 
 
+def rounded(record):
+    """The record with its floats to 4 significant digits."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
+
+
 def emit(record):
-    """One JSON line; floats to 4 significant digits."""
-    record = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
-    print(json.dumps(record), flush=True)
+    """One JSON line."""
+    print(json.dumps(rounded(record)), flush=True)
 
 
 def main(argv):

@@ -37,16 +37,23 @@ def zeropower_via_newtonschulz5(G, steps=5, coefficients=(3.4445, -4.7750, 2.031
     `dtype` (None: ns_dtype(G.device), bf16 where it is fast)."""
     a, b, c = coefficients
     X = G.reshape(-1, *G.shape[-2:]).to(dtype or ns_dtype(G.device))  # [k, A, B]: baddbmm wants one batch dim
-    tall = X.size(-2) > X.size(-1)
-    if tall:  # iterate on the wide side: the Gram matrix X X^T is then the small one
-        X = X.mT
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    # The iterate's two buffers, written in turn: a CPU pays page faults for every fresh
+    # temporary this large (a GPU's caching allocator does not), ~5x the cost of writing it
+    Y = torch.empty_like(X)
+    wide = X.size(-2) <= X.size(-1)
     for _ in range(steps):
-        A = X @ X.mT
+        # the Gram matrix of the short side, so that A and B are the small [k, min, min] ones; a
+        # tall X is multiplied on the right (B is symmetric): no transposed copies in or out
+        A = X @ X.mT if wide else X.mT @ X
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
-    return (X.mT if tall else X).reshape(G.shape)
+        if wide:
+            torch.baddbmm(X, B, X, beta=a, out=Y)  # a*X + B@X
+        else:
+            torch.baddbmm(X, X, B, beta=a, out=Y)  # a*X + X@B
+        X, Y = Y, X
+    return X.reshape(G.shape)
 
 
 def ns_dtype(device):
@@ -121,7 +128,8 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(p.flatten(1).shape, []).append(p)
             for shape, params in by_shape.items():
                 dtype = self.ns_dtype or ns_dtype(params[0].device)
-                U = torch.stack([self._momentum_update(p, group).flatten(1) for p in params]).to(dtype)  # [k, A, B]
+                # each matrix cast before stacking: no fp32 stack to cast again (in bf16, twice the bytes)
+                U = torch.stack([self._momentum_update(p, group).flatten(1).to(dtype) for p in params])  # [k, A, B]
                 O = self._orthogonalize(U, group)
                 lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
                 for p, o in zip(params, O):

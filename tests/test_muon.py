@@ -160,6 +160,19 @@ def test_batched_newton_schulz_matches_torchs():
         assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
 
 
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
+def test_a_tall_stack_is_the_transpose_of_its_wide_one_and_the_input_is_left_alone(dtype, tol):
+    """A tall matrix is iterated on the right (X B), a wide one on the left (B X): the same
+    iteration on X^T. Both in place in two buffers, never in the caller's tensor."""
+    torch.manual_seed(0)
+    G = torch.randn(3, 96, 40, dtype=dtype)
+    before = G.clone()
+    tall = zeropower_via_newtonschulz5(G, dtype=dtype)
+    wide = zeropower_via_newtonschulz5(G.mT.contiguous(), dtype=dtype)
+    assert tall.is_contiguous() and torch.equal(G, before)
+    assert (tall.float() - wide.mT.float()).abs().max() < tol * wide.float().abs().max()
+
+
 def muon_float64(init, grads, lr, weight_decay, momentum, nesterov, adjust_lr_fn, ns_steps=5,
                  coefficients=(3.4445, -4.775, 2.0315), eps=1e-7):
     """Muon as Jordan et al. and torch.optim.Muon's docs state it, in float64:
