@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import data
 import harness
 import muon
 import train_mae
@@ -152,7 +153,7 @@ def model_name(c):
 # the benches: each yields its JSON records
 
 def bench_train(c):
-    rt = harness.setup(c)
+    rt = harness.setup(c.device, c.dtype, c.ddp_timeout)
     dev, autocast = rt.device, rt.autocast
     accum = harness.accumulation(c.batch_size, c.micro_batch_size, 1)
     torch.manual_seed(c.seed)
@@ -195,7 +196,7 @@ def bench_train(c):
 
 
 def bench_muon_step(c):
-    dev = harness.setup(c).device
+    dev = harness.setup(c.device, c.dtype, c.ddp_timeout).device
     torch.manual_seed(c.seed)  # the same gradients on every rank, as after DDP's all-reduce
     model = train_mae.build_model(c).to(dev)
     # the Muon group of build_optimizers(optimizer='muon'): every nn.Linear weight, all 2D
@@ -255,14 +256,14 @@ def bench_loader(c):
         folder = os.path.join(root, 'jpegs')
         make_jpegs(os.path.join(folder, 'train'), c.loader_images, c.seed, os.cpu_count())
         make_jpegs(os.path.join(folder, 'val'), 10, c.seed + 1)  # prepare_data.py packs both splits
-        sources = dict(folder=train_mae.ImageFolder(os.path.join(folder, 'train')))
+        sources = dict(folder=data.ImageFolder(os.path.join(folder, 'train')))
         n = len(sources['folder'])
         for side in c.pack_short_sides:  # the same images, packed by the real script (once per bench_dir)
             packed = os.path.join(root, f'packed{side}_{n}')
-            if not os.path.exists(os.path.join(packed, train_mae.PACKED_INDEX)):
+            if not os.path.exists(os.path.join(packed, data.PACKED_INDEX)):
                 subprocess.run([sys.executable, PREPARE_DATA, folder, packed, f'--short_side={side}'], check=True,
                                stdout=sys.stderr)  # stdout carries only the JSON lines
-            sources[f'packed{side}'] = train_mae.PackedImages(packed, 'train')
+            sources[f'packed{side}'] = data.PackedImages(packed, 'train')
         for path, source in sources.items():
             # one process, PIL's decode alone (no crop, no resize): the per-core ceiling of each source
             t0 = time.perf_counter()
@@ -279,11 +280,11 @@ def bench_loader(c):
         workers = c.loader_workers or tuple(2 ** k for k in range(int(math.log2(cpus)) + 1))
 
         def crops_per_sec(source, on_device, w, rnd):  # round rnd reads its own steps: other crops than the last's
-            dataset = train_mae.MAEDataset(source, c.img_size, True, num_patches, c.seed, c.crop_scale, on_device)
+            dataset = train_mae.MAEDataset(source, train_mae.DataConfig.of(c), True, num_patches, on_device)
             first = max(1, w)  # every worker's first batch arrives at about the same time: not timed
             steps = first + c.loader_batches
-            sampler = train_mae.TrainBatches(n, mb, mb, 0, 1, c.seed, rnd * steps, (rnd + 1) * steps)
-            batches = iter(train_mae.make_loader(dataset, sampler, w, pin=False))
+            sampler = data.TrainBatches(n, mb, mb, 0, 1, c.seed, rnd * steps, (rnd + 1) * steps)
+            batches = iter(data.make_loader(dataset, sampler, w, pin=False))
             for _ in range(first):
                 next(batches)
             t0 = time.perf_counter()
@@ -306,10 +307,10 @@ def bench_loader(c):
         # what the device does instead: resize one micro-batch of the last packed copy's crops
         path = list(sources)[-1]
         dev = c.device if c.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-        dataset = train_mae.MAEDataset(sources[path], c.img_size, True, num_patches, c.seed, c.crop_scale, True)
-        batch = train_mae.collate([dataset[0, i] for i in range(mb)])
+        dataset = train_mae.MAEDataset(sources[path], train_mae.DataConfig.of(c), True, num_patches, True)
+        batch = data.collate([dataset[0, i] for i in range(mb)])
         imgs, crop = batch.imgs.to(dev).permute(0, 3, 1, 2).float(), batch.crop.to(dev)
-        per_batch = statistics.median(seconds(lambda: train_mae.resized_crops(imgs, crop, c.img_size), dev)
+        per_batch = statistics.median(seconds(lambda: data.resized_crops(imgs, crop, c.img_size), dev)
                                       for _ in range(5))
         yield dict(name='loader', stage='resize on the device', path=path, device=device_name(dev), workers=0,
                    imgs_per_sec=mb / per_batch, micro_batch_size=mb, input_hw=list(imgs.shape[2:]))

@@ -95,38 +95,6 @@ def coerce(key, value, default):
     return value
 
 
-def check_config(c, choices):
-    """The run's settings that cannot work, caught before any work is done
-    (the model's own rules are train_mae.ModelConfig's); choices: {key: allowed values}."""
-    for key, allowed in choices.items():
-        if getattr(c, key) not in allowed:
-            raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(allowed)}")
-    if not c.data_dir:
-        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, its scripts/prepare_data.py "
-                          "copy, or 'synthetic'")
-    L = (c.img_size // c.patch_size) ** 2
-    if not 0 <= c.mask_ratio < 1 or not 0 < int(L * (1 - c.mask_ratio)) < L:  # the loss needs both
-        raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")
-    for key in ('batch_size', 'micro_batch_size', 'eval_interval', 'log_interval'):
-        if getattr(c, key) < 1:
-            raise ConfigError(f"--{key}={getattr(c, key)}: must be >= 1")
-    if len(c.betas) != 2 or len(c.crop_scale) != 2 or len(c.synthetic_size) != 2:
-        raise ConfigError("--betas, --crop_scale and --synthetic_size take two values each")
-    if not 0 <= c.warmup_start <= 1:
-        raise ConfigError(f"--warmup_start={c.warmup_start}: must be in [0, 1] (a fraction of the peak lr)")
-    if not 0 <= c.cooldown_frac <= 1:
-        raise ConfigError(f"--cooldown_frac={c.cooldown_frac}: must be in [0, 1]")
-    if c.state_dtype == 'bfloat16' and c.optimizer not in ('muon', 'lamb'):  # a flag that would do nothing
-        raise ConfigError(f"--state_dtype=bfloat16 applies to optimizer muon (its momentum) or lamb (its first "
-                          f"moment), not --optimizer={c.optimizer}")
-    if c.muon_ns_dtype != 'auto' and c.optimizer != 'muon':
-        raise ConfigError(f"--muon_ns_dtype={c.muon_ns_dtype} applies to optimizer muon, not --optimizer={c.optimizer}")
-    if c.adamw_lr and c.optimizer != 'muon':  # the AdamW side's own lr exists only beside Muon
-        raise ConfigError(f"--adamw_lr={c.adamw_lr} applies to optimizer muon, not --optimizer={c.optimizer}")
-    if c.muon_conv and (c.optimizer != 'muon' or c.stem != 'conv'):
-        raise ConfigError(f"--muon_conv=True needs --optimizer=muon and --stem=conv (got {c.optimizer}, {c.stem})")
-
-
 def accumulation(batch_size, micro_batch_size, world):
     """Micro-batches per optimizer step, per process."""
     if batch_size % (micro_batch_size * world):
@@ -151,22 +119,23 @@ class Runtime(NamedTuple):
         return self.rank == 0
 
 
-def setup(c):
-    """Device, torch.distributed (when launched by torchrun: nccl on CUDA, gloo
-    on CPU) and autocast for config c (keys device, dtype, ddp_timeout)."""
+def setup(device, dtype, ddp_timeout):
+    """Device ('auto', 'cuda' or 'cpu'), torch.distributed (when launched by torchrun:
+    nccl on CUDA, gloo on CPU; a collective waits ddp_timeout seconds for a peer) and
+    autocast (dtype 'auto', 'bfloat16' or 'float32')."""
     ddp = int(os.environ.get('RANK', -1)) != -1
-    dev = c.device if c.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     if dev == 'cuda' and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but no CUDA device is visible")
     rank, local_rank, world = 0, 0, 1
     if ddp:
-        dist.init_process_group('nccl' if dev == 'cuda' else 'gloo', timeout=timedelta(seconds=c.ddp_timeout))
+        dist.init_process_group('nccl' if dev == 'cuda' else 'gloo', timeout=timedelta(seconds=ddp_timeout))
         rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
     if dev == 'cuda':
         dev = f'cuda:{local_rank}'
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(dev.split(':')[0], dtype=torch.bfloat16, enabled=resolve_dtype(c.dtype, dev) == 'bfloat16')
+    autocast = torch.autocast(dev.split(':')[0], dtype=torch.bfloat16, enabled=resolve_dtype(dtype, dev) == 'bfloat16')
     return Runtime(ddp, rank, local_rank, world, dev, autocast)
 
 
@@ -288,75 +257,45 @@ def check_architecture(c, ckpt, keys):
             raise ConfigError(f"--{key}={getattr(c, key)!r} does not match the checkpoint's {ckpt['config'][key]!r}")
 
 
-# The resume rule. A resume continues the run in the checkpoint, so every key must
-# match the checkpoint's, except:
-#  - RESUME_FREE: where and how the run runs and logs, not what it computes (the
-#    micro-batch changes only the order of a sum, crop_resize where PIL's resize runs);
-#  - epochs, max_iters and cooldown_frac of a wsd or rsqrt run, to cool it down from a
-#    checkpoint: allowed when the warmup keeps its length and neither the old nor the
-#    new cooldown has started (until then these schedules do not depend on the run's
-#    length; cosine's every lr does);
-#  - the keys named in --resume_override, which log.jsonl records.
-RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'crop_resize', 'micro_batch_size', 'eval_interval',
-               'log_interval', 'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log',
-               'wandb_project', 'wandb_run_name')
-RESUME_SCHEDULE = ('epochs', 'max_iters', 'cooldown_frac')
-
-
-def check_resume(c, ckpt, train_images, run_length):
-    """The resume rule above, as one-line refusals; run_length(config namespace,
-    train_images) -> (total steps, warmup steps). Returns {key: [old, new]} of the
-    overridden keys that changed."""
-    old = ckpt['config']
-    overrides = [k for k in c.resume_override.split(',') if k]
+def check_resume(config, old, free, overrides):
+    """A resume continues the run whose config was `old`: every key of `config` must match
+    it, but those in `free` and those in `overrides` (the caller records them). A one-line
+    refusal otherwise; returns {key: [old, new]} of the overridden keys that changed."""
     for key in overrides:
         if key not in old:
-            raise ConfigError(f"--resume_override={c.resume_override}: unknown key '{key}'")
+            raise ConfigError(f"--resume_override: unknown key '{key}'")
     for key, value in old.items():
-        new = getattr(c, key, value)  # a key since removed from the code: nothing to compare
-        if new == value or key in RESUME_FREE or key in RESUME_SCHEDULE or key in overrides:
-            continue
-        raise ConfigError(f"--{key}={new!r} differs from the checkpoint's {value!r}: a resume continues the same run "
-                          f"(start another out_dir, or --resume_override={key})")
-    if ckpt.get('train_images', train_images) != train_images and 'data_dir' not in overrides:
-        raise ConfigError(f"the training set has {train_images} images, the checkpoint's run had "
-                          f"{ckpt['train_images']}: another data set (--resume_override=data_dir to go on anyway)")
-    changed = [k for k in RESUME_SCHEDULE if getattr(c, k) != old[k] and k not in overrides]
-    if changed:
-        done, before = ckpt['step'], type(c)(**old)
-        (old_total, old_warmup), (total, warmup) = run_length(before, train_images), run_length(c, train_images)
-        cooldown_starts = (old_total - round(before.cooldown_frac * old_total), total - round(c.cooldown_frac * total))
-        if c.schedule not in ('wsd', 'rsqrt') or warmup != old_warmup or min(cooldown_starts) < done:
-            raise ConfigError(f"--{changed[0]}={getattr(c, changed[0])!r} (checkpoint: {old[changed[0]]!r}) changes the "
-                              f"lr of the {done} steps already done: only a wsd/rsqrt run may be shortened, to cool "
-                              f"down from a checkpoint")
-    return {k: [old[k], getattr(c, k)] for k in overrides if old[k] != getattr(c, k)}
+        new = config.get(key, value)  # a key since removed from the code: nothing to compare
+        if new != value and key not in free and key not in overrides:
+            raise ConfigError(f"--{key}={new!r} differs from the checkpoint's {value!r}: a resume continues the same "
+                              f"run (start another out_dir, or --resume_override={key})")
+    return {k: [old[k], config[k]] for k in overrides if old[k] != config[k]}
 
 
 # -----------------------------------------------------------------------------
 # the run log
 
 class RunLog:
-    """out_dir/log.jsonl (one JSON object per line), and Weights & Biases when
-    wandb_log is on. On resume, lines past the checkpoint's step are dropped: the
-    resumed run writes them again. Only the master process writes."""
+    """out_dir/log.jsonl (one JSON object per line), and Weights & Biases with `wandb`
+    (wandb.init's project, name and config). On resume (step > 0), lines past the
+    checkpoint's step are dropped: the resumed run writes them again; a new run starts
+    the file afresh. Only the master process writes."""
 
-    def __init__(self, c, master, step, wandb_id=None):
-        self.master, self.path, self.wandb = master, os.path.join(c.out_dir, 'log.jsonl'), None
+    def __init__(self, out_dir, master, step, wandb=None, wandb_id=None):
+        self.master, self.path, self.wandb = master, os.path.join(out_dir, 'log.jsonl'), None
         if not master:
             return
         if os.path.exists(self.path):
-            keep = [l for l in open(self.path) if l.strip() and c.init_from == 'resume' and json.loads(l)['step'] <= step]
+            keep = [l for l in open(self.path) if l.strip() and step and json.loads(l)['step'] <= step]
             with open(self.path, 'w') as f:
                 f.writelines(keep)
-        if c.wandb_log:
+        if wandb:
             try:
-                import wandb  # an optional extra: imported only when asked for
+                import wandb as tracker  # an optional extra: imported only when asked for
             except ImportError:
                 raise ConfigError("--wandb_log=True but the wandb package is not installed (pip install wandb)")
-            self.wandb = wandb
-            wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c), id=wandb_id,
-                       resume='must' if wandb_id else None)
+            self.wandb = tracker
+            tracker.init(**wandb, id=wandb_id, resume='must' if wandb_id else None)
 
     @property
     def wandb_id(self):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import train_mae
 from muon import adjusted_lr, zeropower_via_newtonschulz5
 import harness
@@ -63,7 +64,8 @@ seed = 0  # the random encoder, the probes' initial weights, data order, augment
 ddp_timeout = 600  # seconds a rank waits in a collective before giving up
 CONFIG = harness.settings(globals(), _names_before_config)
 # all that train_mae.build_model and build_datasets read, besides data_dir and seed
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(train_mae.ModelConfig)) + ('synthetic_size', 'crop_scale')
+MODEL_KEYS = tuple(dict.fromkeys(f.name for cls in (train_mae.ModelConfig, train_mae.DataConfig)
+                                  for f in dataclasses.fields(cls) if f.name not in ('data_dir', 'seed')))
 HEAD_DIM = 64
 
 
@@ -205,8 +207,7 @@ def load_config(argv):
     c.out_dir = c.out_dir or (os.path.join(os.path.dirname(c.ckpt), 'random_encoder' if c.random_encoder else
                                            'pixels' if c.pixels else '') if c.ckpt else os.path.join('out', 'probe'))
     everything = SimpleNamespace(**{**train_mae.CONFIG, **vars(c)})
-    train_mae.ModelConfig.of(everything)  # the model's rules
-    harness.check_config(everything, train_mae.CHOICES)  # data, device, dtype
+    train_mae.check_config(everything)  # the model's, the data's, the device's rules
     if c.probe_optimizer not in ('adamw', 'muon'):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
     if c.head not in ('attentive', 'linear', 'both'):
@@ -227,7 +228,7 @@ def load_config(argv):
 
 def main(argv):
     c, ckpt = load_config(argv)
-    rt = harness.setup(c)
+    rt = harness.setup(c.device, c.dtype, c.ddp_timeout)
     log = print if rt.master else (lambda *a, **k: None)
     encode = frozen_encoder(c, ckpt, rt)
     del ckpt  # the encoder has its weights; the rest (optimizer states) need not stay in memory
@@ -268,7 +269,7 @@ def frozen_encoder(c, ckpt, rt):
     def encode(loader):
         for batch in loader:
             with torch.no_grad(), rt.autocast:  # (not around the yield: the caller trains the probes)
-                x = features(train_mae.to_device(batch.imgs, rt.device))
+                x = features(data.to_device(batch.imgs, rt.device))
             yield x, batch.labels.to(rt.device, non_blocking=True)
     return encode
 
@@ -285,14 +286,14 @@ def build_data(c, rt):
     steps_per_epoch = len(train_set) // c.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
-    order = train_mae.TrainBatches(len(train_set), c.batch_size, micro, rt.rank, rt.world, c.seed, 0,
+    order = data.TrainBatches(len(train_set), c.batch_size, micro, rt.rank, rt.world, c.seed, 0,
                                    c.epochs * steps_per_epoch)
-    val_loader = make_loader(c, rt, val_set, train_mae.val_batches(len(val_set), micro, rt.rank, rt.world))
+    val_loader = make_loader(c, rt, val_set, data.val_batches(len(val_set), micro, rt.rank, rt.world))
     return train_set, val_set, order, val_loader
 
 
 def make_loader(c, rt, dataset, batches):
-    return train_mae.make_loader(dataset, batches, c.num_workers, pin=rt.device.startswith('cuda'))
+    return data.make_loader(dataset, batches, c.num_workers, pin=rt.device.startswith('cuda'))
 
 
 def train_tokens(c, rt, encode, train_set, order):
@@ -303,7 +304,7 @@ def train_tokens(c, rt, encode, train_set, order):
     if c.augment:
         yield from encode(make_loader(c, rt, train_set, order))
         return
-    everything = train_mae.val_batches(len(train_set), c.batch_size // rt.world, 0, 1)
+    everything = data.val_batches(len(train_set), c.batch_size // rt.world, 0, 1)
     x, labels = map(torch.cat, zip(*encode(make_loader(c, rt, train_set, everything))))
     for batch in order:
         idx = torch.tensor([i for _, i in batch], device=rt.device)

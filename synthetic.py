@@ -1,6 +1,6 @@
 """The built-in data set (data_dir='synthetic'): images generated on the fly,
 deterministic, no download. For the quick start and the tests; real photographs
-go through train_mae.ImageFolder. Its geometry lives here, out of the data
+go through data.ImageFolder. Its geometry lives here, out of the data
 pipeline's way."""
 import numpy as np
 from PIL import Image

@@ -9,9 +9,6 @@ and the tests reuse its model and data code.
 """
 import contextlib
 import dataclasses
-import functools
-import io
-import json
 import math
 import os
 import sys
@@ -26,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import harness
 from harness import ConfigError
 from muon import Muon
@@ -103,6 +101,36 @@ CHOICES = dict(crop_resize=('auto', 'loader', 'device'), norm=('layernorm', 'rms
                muon_ns_dtype=('auto', 'bfloat16', 'float32'),
                state_dtype=('float32', 'bfloat16'), schedule=('cosine', 'wsd', 'rsqrt'), init_from=('scratch', 'resume'),
                dtype=('auto', 'bfloat16', 'float32'), device=('auto', 'cuda', 'cpu'))  # the string settings' values
+
+
+def check_config(c):
+    """The run's settings that cannot work, caught before any work is done, each a one-line
+    error naming the key; the model's and the data's own rules are ModelConfig's and DataConfig's."""
+    for key in CHOICES.keys() - {f.name for f in dataclasses.fields(ModelConfig)}:  # the model checks its own
+        if getattr(c, key) not in CHOICES[key]:
+            raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(CHOICES[key])}")
+    ModelConfig.of(c), DataConfig.of(c)
+    if not c.data_dir:
+        raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, its "
+                          "scripts/prepare_data.py copy, or 'synthetic'")
+    L = (c.img_size // c.patch_size) ** 2
+    if not 0 <= c.mask_ratio < 1 or not 0 < num_visible(L, c.mask_ratio) < L:  # the loss needs both
+        raise ConfigError(f"--mask_ratio={c.mask_ratio} leaves no visible or no masked patch of {L}")
+    for key in ('batch_size', 'micro_batch_size', 'eval_interval', 'log_interval'):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"--{key}={getattr(c, key)}: must be >= 1")
+    if len(c.betas) != 2:
+        raise ConfigError(f"--betas={c.betas}: two values (beta1, beta2)")
+    for key in ('warmup_start', 'cooldown_frac'):  # fractions: of the peak lr, of the run
+        if not 0 <= getattr(c, key) <= 1:
+            raise ConfigError(f"--{key}={getattr(c, key)}: must be in [0, 1]")
+    needs = dict(state_dtype=('muon', 'lamb'), muon_ns_dtype=('muon',), adamw_lr=('muon',), muon_conv=('muon',))
+    for key, optimizers in needs.items():  # a flag that would do nothing is an error
+        if getattr(c, key) != CONFIG[key] and c.optimizer not in optimizers:
+            raise ConfigError(f"--{key}={getattr(c, key)} applies to optimizer {' or '.join(optimizers)}, "
+                              f"not --optimizer={c.optimizer}")
+    if c.muon_conv and c.stem != 'conv':
+        raise ConfigError("--muon_conv=True needs --stem=conv (the patch stem has no conv for Muon)")
 
 
 # -----------------------------------------------------------------------------
@@ -371,92 +399,27 @@ def build_model(c):
 
 
 # -----------------------------------------------------------------------------
-# data: ImageFolder, its packed copy or the built-in synthetic set; crops, flips
-# and masks are drawn from (seed, epoch, index), so they do not depend on ranks or workers
+# data: the augmentation (crops, flips, masks), each drawn from (seed, epoch, index), so it
+# depends on no rank or worker; data.py reads, decodes and batches the images
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises for a bad file
-PACKED_INDEX = 'index.json'  # a data_dir with it is a finished scripts/prepare_data.py copy (written last)
-PACKED_PROGRESS = 'prepare.json'  # ... and with only this, one still being written (written first)
-PACKED_FORMAT = 'nanomae-packed/1'
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the data pipeline reads of the config (the constants above, by the same names)."""
+    data_dir: str
+    img_size: int
+    synthetic_size: tuple
+    crop_scale: tuple
+    seed: int
 
+    @classmethod
+    def of(cls, c):
+        return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
 
-class ImageFolder:
-    """root/<class>/<image> files; labels are the sorted class folder names."""
-
-    def __init__(self, root, classes=None):
-        if not os.path.isdir(root):
-            raise ConfigError(f"data folder not found: {root}")
-        found = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not found:
-            raise ConfigError(f"{root} has no class folders: expected {root}/<class>/<image> (labels are folder names)")
-        self.classes = classes or found
-        unknown = sorted(set(found) - set(self.classes))
-        if unknown:
-            raise ConfigError(f"{root} has class folders that train/ lacks: {unknown[:3]}")
-        self.samples = []  # (path, label)
-        for label, name in enumerate(self.classes):
-            folder = os.path.join(root, name)
-            if not os.path.isdir(folder):
-                continue  # a val split may lack a class
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMG_EXTENSIONS))
-            if not files:
-                raise ConfigError(f"class folder {folder} has no images ({' '.join(IMG_EXTENSIONS)})")
-            self.samples += [(os.path.join(folder, f), label) for f in files]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def name(self, i):  # for warnings
-        return self.samples[i][0]
-
-    def open(self, i):  # lazily: PIL decodes on first use, after draft()
-        path, label = self.samples[i]
-        return Image.open(path), label
-
-
-class PackedImages:
-    """One split of scripts/prepare_data.py's copy of an ImageFolder: every image a
-    JPEG with its shorter side resized (to 256 px by default), the bytes concatenated
-    in shard files <split>_00000.bin, ..., and <split>.npy: a row (shard, offset,
-    length, label) per image. The same interface as ImageFolder. Each read opens its
-    shard anew (tens of us, next to a ~1 ms decode): no file handle for the
-    DataLoader's forked workers to share."""
-
-    def __init__(self, root, split):
-        with open(os.path.join(root, PACKED_INDEX)) as f:
-            index = json.load(f)
-        if index.get('format') != PACKED_FORMAT:
-            raise ConfigError(f"{root}/{PACKED_INDEX}: format {index.get('format')!r}, this code reads {PACKED_FORMAT!r}")
-        self.root, self.split, self.classes = root, split, index['classes']
-        self.rows = np.load(os.path.join(root, f'{split}.npy'), allow_pickle=False)  # [n, 4] int64
-
-    def __len__(self):
-        return len(self.rows)
-
-    def name(self, i):
-        return f"{self.root} {self.split} image {i}"
-
-    def open(self, i):
-        shard, offset, length, label = self.rows[i].tolist()
-        with open(self.shard_path(self.root, self.split, shard), 'rb') as f:
-            f.seek(offset)
-            return Image.open(io.BytesIO(f.read(length))), label
-
-    @staticmethod
-    def shard_path(root, split, k):
-        return os.path.join(root, f'{split}_{k:05d}.bin')
-
-
-def to_rgb(img):
-    """Any PIL image (grayscale, 16-bit, CMYK, palette, alpha) as 8-bit RGB."""
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L'):  # 16-bit: keep the top 8 bits (convert() would clip)
-        img = Image.fromarray((np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
-    elif img.mode == 'P':
-        img = img.convert('RGBA')
-    return img.convert('RGB')
+    def __post_init__(self):  # the data's rules, each a one-line error naming the key
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"--crop_scale={self.crop_scale}: two area fractions, 0 < low <= high <= 1")
+        if len(self.synthetic_size) != 2 or min(self.synthetic_size) < 1:
+            raise ConfigError(f"--synthetic_size={self.synthetic_size}: two image counts (train, val), each >= 1")
 
 
 def random_resized_crop(W, H, scale, rng, ratio=(3 / 4, 4 / 3)):
@@ -472,21 +435,20 @@ def random_resized_crop(W, H, scale, rng, ratio=(3 / 4, 4 / 3)):
     return (W - w) // 2, (H - h) // 2, w, h
 
 
-class Sample(NamedTuple):  # batched by the DataLoader (collate) into the same fields
+class Sample(NamedTuple):  # batched by the DataLoader (data.collate) into the same fields
     imgs: torch.Tensor  # uint8 [S, S, 3]; resizing on the device: [h, w, 3], the part of the image the crop reads
     labels: int
     noise: torch.Tensor  # [L] mask noise: the smallest int(L * (1 - mask_ratio)) are visible
     skipped: int  # unreadable files skipped to make this sample
-    crop: torch.Tensor  # [0]; resizing on the device: [7] x0, y0, w, h of the crop in imgs, imgs' w and h, flip
+    crop: torch.Tensor  # [7] what is left to do on the device: the crop's x0, y0, w, h in imgs, imgs' w and h, flip
 
 
 class MAEDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, i): returns a Sample. Train: RandomResizedCrop + flip;
     val: the short side resized to S * 256/224, then the centre S x S."""
 
-    def __init__(self, source, img_size, train, num_patches, seed, crop_scale=(0.2, 1.0), resize_on_device=False):
-        self.source, self.img_size, self.train = source, img_size, train
-        self.num_patches, self.seed, self.crop_scale = num_patches, seed, crop_scale
+    def __init__(self, source, cfg, train, num_patches, resize_on_device=False):
+        self.source, self.cfg, self.train, self.num_patches = source, cfg, train, num_patches
         self.resize_on_device = resize_on_device and train  # val keeps PIL's centre crop
         self.warnings = 0
 
@@ -495,163 +457,51 @@ class MAEDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        rng = np.random.default_rng([self.seed, self.train, epoch, i])
+        rng = np.random.default_rng([self.cfg.seed, self.train, epoch, i])
         noise = rng.random(self.num_patches, dtype=np.float32)
         for skipped in range(min(len(self.source), 100)):  # unreadable: take the next file, count the skip
             j = (i + skipped) % len(self.source)
             try:
                 img, label, crop = self.load(j, rng)
                 return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped, crop)
-            except UNREADABLE as e:
+            except data.UNREADABLE as e:
                 if self.warnings < 3:  # per worker: a few lines, not a flood; the count goes in the log
                     print(f"warning: skipping unreadable image {self.source.name(j)}: {e}", file=sys.stderr)
                 self.warnings += 1
         raise RuntimeError(f"100 unreadable images in a row from index {i}: is the data set corrupt?")
 
     def load(self, j, rng):
-        S = self.img_size
+        S = self.cfg.img_size
         img, label = self.source.open(j)
         W, H = img.size
         if self.train:
-            x0, y0, w, h = random_resized_crop(W, H, self.crop_scale, rng)
+            x0, y0, w, h = random_resized_crop(W, H, self.cfg.crop_scale, rng)
         else:
             w = h = min(W, H) * 224 / 256
             x0, y0 = (W - w) / 2, (H - h) / 2
-        if img.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale while the crop keeps >= S pixels
-            img.draft('RGB', (math.ceil(W * S / w), math.ceil(H * S / h)))
-        sx, sy = img.size[0] / W, img.size[1] / H
-        box = np.float32([x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy])  # PIL takes a box as C floats
         flip = self.train and rng.random() < 0.5
-        # decode, then keep the pixels the resize reads: the box and bicubic's reach (2 px, widened when shrinking)
-        reach = 2 * np.maximum(1, (box[2:] - box[:2]) / S) + 1
-        part = [*np.maximum(0, np.floor(box[:2] - reach)), *np.minimum(img.size, np.ceil(box[2:] + reach))]
-        img = img.crop([int(v) for v in part])  # decodes
-        img = img if img.mode == 'RGB' else to_rgb(img)
-        box -= np.float32(part[:2] * 2)  # exact: a float32 less a whole number of pixels
-        x0, y0, x1, y1 = box.tolist()
+        img, box = data.decode_crop(img, (x0, y0, w, h), S)  # only the pixels the resize reads
         if self.resize_on_device:
-            crop = [x0, y0, *(box[2:] - box[:2]), *img.size, flip]  # spans in float32, as PIL computes them
+            crop = [*box[:2], *(box[2:] - box[:2]), *img.size, flip]  # spans in float32, as PIL computes them
             return img, label, torch.tensor(crop, dtype=torch.float64)
         # PIL's bicubic resize as two explicit passes, horizontal first, as Pillow <= 12 always did (13
-        # picks an order per image; the order matters where a first pass clips), and as resized_crops
+        # picks an order per image; the order matters where a first pass clips), and as data.resized_crops
+        x0, y0, x1, y1 = box.tolist()
         img = img.resize((S, img.height), Image.BICUBIC, box=(x0, 0, x1, img.height))
         img = img.resize((S, S), Image.BICUBIC, box=(0, y0, S, y1))
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img, label, torch.zeros(0)
+        return img, label, torch.tensor([0, 0, S, S, S, S, 0], dtype=torch.float64)  # done: the whole image, unflipped
 
 
 def build_datasets(c, num_patches, resize_on_device=False):
     """(train, val) MAEDatasets for config c; num_patches=0 draws no mask noise."""
-    if c.data_dir == 'synthetic':
-        sources = [Synthetic(n, c.img_size, split, c.seed) for n, split in zip(c.synthetic_size, ('train', 'val'))]
-    elif os.path.exists(os.path.join(c.data_dir, PACKED_INDEX)):
-        sources = [PackedImages(c.data_dir, split) for split in ('train', 'val')]
-    elif os.path.exists(os.path.join(c.data_dir, PACKED_PROGRESS)):
-        raise ConfigError(f"{c.data_dir} is an unfinished packed copy (no {PACKED_INDEX}): "
-                          f"run scripts/prepare_data.py again to finish it")
+    d = DataConfig.of(c)
+    if d.data_dir == 'synthetic':
+        sources = [Synthetic(n, d.img_size, split, d.seed) for n, split in zip(d.synthetic_size, ('train', 'val'))]
     else:
-        train = ImageFolder(os.path.join(c.data_dir, 'train'))
-        sources = [train, ImageFolder(os.path.join(c.data_dir, 'val'), train.classes)]
-    return [MAEDataset(s, c.img_size, train, num_patches, c.seed, c.crop_scale, resize_on_device)
-            for s, train in zip(sources, (True, False))]
-
-
-class TrainBatches:
-    """Yields this rank's micro-batches as lists of (epoch, index), starting at
-    optimizer step `start_step`. Each epoch is a permutation drawn from (seed,
-    epoch); global batch b of it is split rank-major, then micro-batch-major,
-    so step s sees the same images for any world size and any resume point.
-    The last partial global batch of an epoch is dropped."""
-
-    def __init__(self, n, batch_size, micro_batch_size, rank, world, seed, start_step, total_steps):
-        self.n, self.B, self.mb, self.rank, self.world = n, batch_size, micro_batch_size, rank, world
-        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
-        self.steps_per_epoch = n // batch_size
-
-    def __iter__(self):
-        per_rank = self.B // self.world
-        for step in range(self.start_step, self.total_steps):
-            epoch, b = divmod(step, self.steps_per_epoch)
-            if b == 0 or step == self.start_step:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            mine = perm[b * self.B + self.rank * per_rank:b * self.B + (self.rank + 1) * per_rank]
-            for m in range(0, per_rank, self.mb):
-                yield [(epoch, int(i)) for i in mine[m:m + self.mb]]
-
-
-def make_loader(dataset, batch_sampler, num_workers, pin):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=collate, pin_memory=pin, persistent_workers=num_workers > 0)
-
-
-def collate(samples):
-    """Samples -> one Sample of batched fields; images of different sizes (the parts
-    a device resize reads) are zero-padded at the bottom and right to the largest."""
-    h, w = (max(s.imgs.shape[k] for s in samples) for k in (0, 1))
-    imgs = torch.zeros(len(samples), h, w, 3, dtype=torch.uint8)
-    for img, s in zip(imgs, samples):
-        img[:s.imgs.shape[0], :s.imgs.shape[1]] = s.imgs
-    return Sample(imgs, *torch.utils.data.default_collate([s[1:] for s in samples]))
-
-
-def val_batches(n, micro_batch_size, rank, world):
-    """Every val image once, split across ranks, with the fixed mask of epoch 0."""
-    mine = list(range(rank, n, world))
-    return [[(0, i) for i in mine[k:k + micro_batch_size]] for k in range(0, len(mine), micro_batch_size)]
-
-
-def to_device(imgs, device, crop=None, size=None):
-    """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W] on device (the host sends bytes);
-    with crop [N, 7] (loader built with resize_on_device), resized to size x size there."""
-    imgs = imgs.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    if crop is not None and crop.numel():
-        imgs = resized_crops(imgs, crop.to(device, non_blocking=True), size)
-    mean, std = imagenet_stats(device)
-    return (imgs.div_(255) - mean) / std
-
-
-def bicubic(t, a=-0.5):
-    """The bicubic kernel PIL resizes with (a = -0.5, support 2)."""
-    t = t.abs()
-    inner, outer = ((a + 2) * t - (a + 3)) * t * t + 1, (((t - 5) * t + 8) * t - 4) * a
-    return torch.where(t < 1, inner, torch.where(t < 2, outer, 0))
-
-
-def resize_weights(start, length, extent, pixels, out):
-    """PIL's bicubic resize of the span [start, start + length) of an axis to `out`
-    pixels, as matrices [N, out, pixels]: output i is centred at start + (i + 0.5) *
-    scale; shrinking widens the kernel by the scale (antialiasing); the pixels at or
-    past `extent` are padding and weigh nothing; each row sums to 1."""
-    scale = length / out  # start, length, extent: [N, 1, 1]
-    centre = start + (torch.arange(out, device=start.device)[:, None] + 0.5) * scale
-    x = torch.arange(pixels, device=start.device) + 0.5
-    w = bicubic((x - centre) / scale.clamp(min=1)) * (x < extent)
-    w = w / w.sum(-1, keepdim=True)
-    return torch.round(w * 2 ** 22) / 2 ** 22  # PIL's 8-bit path: 22-bit fixed-point weights (rounded half away from 0)
-
-
-def resized_crops(imgs, crop, size):
-    """Crop, resize and flip a batch on the device as the loader's PIL path does:
-    per image, PIL's weights as two matrices (the flip reverses the horizontal one),
-    applied as batched matmuls, horizontal pass first, each rounded to 8 bits as
-    PIL's. float [N, 3, H, W] in 0..255 -> [N, 3, size, size]. PIL's pixels up to
-    float32 rounding next to a half (tested: ~2e-5 of the values differ, by 1-2)."""
-    x0, y0, w, h, W, H, flip = crop.double().T[..., None, None]
-    horizontal = resize_weights(x0, w, W, imgs.shape[3], size)
-    horizontal = torch.where(flip > 0, horizontal.flip(1), horizontal).float()
-    vertical = resize_weights(y0, h, H, imgs.shape[2], size).float()
-    with harness.exact_float32(imgs.device):  # no TF32, no bf16 autocast: the rounding needs ~1e-5 accuracy
-        imgs = torch.matmul(imgs, horizontal.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)
-        return torch.matmul(vertical[:, None], imgs).add_(0.5).floor_().clamp_(0, 255)
-
-
-@functools.cache
-def imagenet_stats(device):
-    """ImageNet mean and std [1, 3, 1, 1] on device, made once: copying a new
-    tensor to a GPU waits for its queue to drain, a host sync in every step."""
-    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+        sources = data.open_sources(d.data_dir)
+    return [MAEDataset(s, d, train, num_patches, resize_on_device) for s, train in zip(sources, (True, False))]
 
 
 # -----------------------------------------------------------------------------
@@ -742,6 +592,36 @@ def run_length(c, train_images):
     return total, warmup
 
 
+# The resume rule: a resume continues the run in the checkpoint, so every key must match the
+# checkpoint's, except where and how the run runs and logs (RESUME_FREE: the micro-batch changes
+# only the order of a sum, crop_resize where PIL's resize runs), the keys named in
+# --resume_override (log.jsonl records them), and the length of a wsd or rsqrt run, to cool it
+# down from a checkpoint: until its cooldown such a schedule does not depend on the run's length.
+RESUME_FREE = ('out_dir', 'init_from', 'data_dir', 'num_workers', 'crop_resize', 'micro_batch_size', 'eval_interval',
+               'log_interval', 'keep_ckpts', 'compile', 'device', 'ddp_timeout', 'resume_override', 'wandb_log',
+               'wandb_project', 'wandb_run_name')
+RUN_LENGTH = ('epochs', 'max_iters', 'cooldown_frac')
+
+
+def check_resume(c, ckpt, train_images):
+    """The resume rule above, as one-line refusals; returns {key: [old, new]} of the overridden keys that changed."""
+    overrides = [k for k in c.resume_override.split(',') if k]
+    overridden = harness.check_resume(vars(c), ckpt['config'], RESUME_FREE + RUN_LENGTH, overrides)
+    if ckpt.get('train_images', train_images) != train_images and 'data_dir' not in overrides:
+        raise ConfigError(f"the training set has {train_images} images, the checkpoint's run had "
+                          f"{ckpt['train_images']}: another data set (--resume_override=data_dir to go on anyway)")
+    old = SimpleNamespace(**ckpt['config'])
+    changed = [k for k in RUN_LENGTH if getattr(c, k) != getattr(old, k) and k not in overrides]
+    if changed:
+        (old_total, old_warmup), (total, warmup) = run_length(old, train_images), run_length(c, train_images)
+        cooldowns = (old_total - round(old.cooldown_frac * old_total), total - round(c.cooldown_frac * total))
+        if c.schedule not in ('wsd', 'rsqrt') or warmup != old_warmup or min(cooldowns) < ckpt['step']:
+            raise ConfigError(f"--{changed[0]}={getattr(c, changed[0])!r} (checkpoint: {getattr(old, changed[0])!r}) "
+                              f"changes the lr of the {ckpt['step']} steps already done: only a wsd/rsqrt run may be "
+                              f"shortened, to cool down from a checkpoint")
+    return overridden
+
+
 # -----------------------------------------------------------------------------
 # evaluation, pictures
 
@@ -751,7 +631,7 @@ def evaluate(model, loader, device, autocast):
     total = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in loader:
         with autocast:
-            loss, _, _ = model(to_device(batch.imgs, device), batch.noise.to(device))
+            loss, _, _ = model(data.to_device(batch.imgs, device), batch.noise.to(device))
         total[0] += loss.double() * len(batch.imgs)
         total[1] += len(batch.imgs)
     if dist.is_initialized():
@@ -762,8 +642,8 @@ def evaluate(model, loader, device, autocast):
 @torch.no_grad()
 def save_reconstructions(model, dataset, path, device, n=8):
     """recon.png: rows of original | masked | reconstruction (visible patches pasted in)."""
-    batch = collate([dataset[(0, i)] for i in range(min(n, len(dataset)))])
-    x = to_device(batch.imgs, device)
+    batch = data.collate([dataset[(0, i)] for i in range(min(n, len(dataset)))])
+    x = data.to_device(batch.imgs, device)
     _, pred, ids_masked = model(x, batch.noise.to(device))
     target = model.patchify(x)
     idx = ids_masked[..., None].expand(-1, -1, target.size(-1))
@@ -772,7 +652,7 @@ def save_reconstructions(model, dataset, path, device, n=8):
         pred = pred.float() * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
     masked = target.scatter(1, idx, torch.full_like(pred, -2.0, dtype=target.dtype))  # near black
     recon = target.scatter(1, idx, pred.to(target.dtype))
-    mean, std = imagenet_stats(device)
+    mean, std = data.imagenet_stats(device)
     rows = [torch.cat([x, model.unpatchify(masked), model.unpatchify(recon)], dim=3) * std + mean]
     grid = torch.cat(rows[0].unbind(0), dim=1)  # [3, n*H, 3*W]
     img = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
@@ -785,9 +665,8 @@ def save_reconstructions(model, dataset, path, device, n=8):
 
 def main(argv):
     c = SimpleNamespace(**harness.configure(argv, CONFIG))
-    ModelConfig.of(c)  # the model's own rules, before any work
-    harness.check_config(c, CHOICES)
-    rt = harness.setup(c)
+    check_config(c)  # before any work
+    rt = harness.setup(c.device, c.dtype, c.ddp_timeout)
     dev, log = rt.device, print if rt.master else (lambda *a, **k: None)
     accum = harness.accumulation(c.batch_size, c.micro_batch_size, rt.world)
     ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
@@ -814,7 +693,7 @@ def main(argv):
     step, best_val, overridden = 0, float('inf'), {}
     if ckpt is not None:
         harness.check_architecture(c, ckpt, ARCH_KEYS)
-        overridden = harness.check_resume(c, ckpt, len(train_set), run_length)
+        overridden = check_resume(c, ckpt, len(train_set))
         try:
             model.load_state_dict(ckpt['model'])
             for opt, state in zip(optimizers, ckpt['optimizers'], strict=True):
@@ -823,7 +702,8 @@ def main(argv):
             raise ConfigError(f"{ckpt_path} does not fit this run's model or optimizers: {str(e).splitlines()[0]}")
         step, best_val = ckpt['step'], ckpt['best_val_loss']
         log(f"resumed from {ckpt_path} at step {step}" + (f", overriding {overridden}" if overridden else ""))
-    runlog = harness.RunLog(c, rt.master, step, ckpt and ckpt.get('wandb_id'))
+    tracker = dict(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c)) if c.wandb_log else None
+    runlog = harness.RunLog(c.out_dir, rt.master, step, tracker, ckpt and ckpt.get('wandb_id'))
     if overridden:  # the record of what the resumed run changed: {key: [checkpoint's, new]}
         runlog.write(step=step, resume_override=overridden)
     del ckpt
@@ -832,10 +712,10 @@ def main(argv):
     train_model = nn.parallel.DistributedDataParallel(
         compiled, device_ids=[rt.local_rank] if dev.startswith('cuda') else None) if rt.ddp else compiled
     pin = dev.startswith('cuda')
-    batches = iter(make_loader(train_set, TrainBatches(len(train_set), c.batch_size, c.micro_batch_size, rt.rank,
-                                                       rt.world, c.seed, step, total), c.num_workers, pin))
-    val_loader = make_loader(val_set, val_batches(len(val_set), c.micro_batch_size, rt.rank, rt.world),
-                             c.num_workers, pin)
+    order = data.TrainBatches(len(train_set), c.batch_size, c.micro_batch_size, rt.rank, rt.world, c.seed, step, total)
+    batches = iter(data.make_loader(train_set, order, c.num_workers, pin))
+    val_loader = data.make_loader(val_set, data.val_batches(len(val_set), c.micro_batch_size, rt.rank, rt.world),
+                                  c.num_workers, pin)
 
     def checkpoint():
         if rt.master:
@@ -859,7 +739,7 @@ def main(argv):
                 sync = not rt.ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
                 with contextlib.nullcontext() if sync else train_model.no_sync():
                     with rt.autocast:
-                        imgs = to_device(batch.imgs, dev, batch.crop, c.img_size)
+                        imgs = data.to_device(batch.imgs, dev, batch.crop if resize_on_device else None, c.img_size)
                         loss, _, _ = train_model(imgs, batch.noise.to(dev, non_blocking=True))
                     (loss / accum).backward()
                 loss_sum += loss.detach() / accum

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import harness  # noqa: E402
 import train_mae  # noqa: E402
 from synthetic import Synthetic  # noqa: E402
@@ -41,7 +42,7 @@ def split_loss(path):
     total = {True: [0.0, 0], False: [0.0, 0]}  # holds shape -> [summed loss, patches]
     for start in range(0, len(val), 128):
         items = [val[(0, i)] for i in range(start, min(start + 128, len(val)))]
-        imgs = train_mae.to_device(torch.stack([s.imgs for s in items]), 'cpu')
+        imgs = data.to_device(torch.stack([s.imgs for s in items]), 'cpu')
         _, pred, ids = model(imgs, torch.stack([s.noise for s in items]))
         err = ((pred - model.masked_targets(imgs, ids)) ** 2).mean(-1)  # [N, masked]
         for k, patches in enumerate(ids):

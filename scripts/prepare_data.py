@@ -35,9 +35,9 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import harness  # noqa: E402
-import train_mae  # noqa: E402
-from train_mae import PACKED_FORMAT, PACKED_INDEX, PACKED_PROGRESS, PackedImages  # noqa: E402
+from data import PACKED_FORMAT, PACKED_INDEX, PACKED_PROGRESS, shard_rows_path, write_shard  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (--key=value after SRC and DST)
@@ -56,10 +56,10 @@ def shrink(img, side):
     W, H = img.size
     scale = side / min(W, H)
     if scale >= 1:
-        return train_mae.to_rgb(img)
+        return data.to_rgb(img)
     size = (max(1, round(W * scale)), max(1, round(H * scale)))
     img.draft('RGB', size)  # a large JPEG decodes at 1/2-1/8 scale, still >= size
-    return train_mae.to_rgb(img).resize(size, Image.BICUBIC)
+    return data.to_rgb(img).resize(size, Image.BICUBIC)
 
 
 def encode(path, side, quality):
@@ -78,36 +78,25 @@ def init_worker():
     Image.core.set_blocks_max(8)  # what the PILLOW_BLOCKS_MAX environment variable sets
 
 
-def shard_rows_path(dst, split, k):
-    return os.path.join(dst, f'{split}_{k:05d}.npy')
-
-
 def pack_shard(job):
-    """Pack one shard: its JPEGs into <split>_<k>.bin, then its rows (offset, length,
-    label; length 0: unreadable, left out) into <split>_<k>.npy, the shard's done mark.
-    Returns (images, errors)."""
+    """Pack one shard (data.write_shard): returns (images, errors); an unreadable image
+    is left out (length 0) and named in errors."""
     dst, split, k, samples, side, quality = job
-    rows, errors = [], []
-
-    def write(f):
-        for path, label in samples:
-            try:
-                data = encode(path, side, quality)
-            except train_mae.UNREADABLE as e:
-                data = b''
-                errors.append(f"{path}: {e}")
-            rows.append((f.tell(), len(data), label))
-            f.write(data)
-
-    harness.write_atomic(PackedImages.shard_path(dst, split, k), write)
-    harness.write_atomic(shard_rows_path(dst, split, k), lambda f: np.save(f, np.array(rows, np.int64).reshape(-1, 3)))
+    items, errors = [], []
+    for path, label in samples:
+        try:
+            items.append((encode(path, side, quality), label))
+        except data.UNREADABLE as e:
+            items.append((b'', label))
+            errors.append(f"{path}: {e}")
+    write_shard(dst, split, k, items)
     return len(samples), errors
 
 
 def list_source(src):
     """{split: ImageFolder} of SRC/train and SRC/val (labels: train's sorted class folders)."""
-    train = train_mae.ImageFolder(os.path.join(src, 'train'))
-    return dict(train=train, val=train_mae.ImageFolder(os.path.join(src, 'val'), train.classes))
+    train = data.ImageFolder(os.path.join(src, 'train'))
+    return dict(train=train, val=data.ImageFolder(os.path.join(src, 'val'), train.classes))
 
 
 def begin(dst, manifest):

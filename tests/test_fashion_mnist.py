@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import data  # noqa: E402
 import prepare_fashion_mnist as P  # noqa: E402
 import train_mae as T  # noqa: E402
 
@@ -44,7 +45,7 @@ def test_pixels_labels_and_counts_survive_and_train_mae_reads_them(tmp_path, tin
     P.prepare(str(src), str(dst), workers=2)
     assert not (tmp_path / 'fm.partial').exists()
     for split, (images, labels) in data.items():
-        folder = T.ImageFolder(str(dst / split))
+        folder = data.ImageFolder(str(dst / split))
         assert folder.classes == [f'{k}_{name}' for k, name in enumerate(P.CLASSES)]
         assert sorted(label for _, label in folder.samples) == sorted(labels.tolist())
         for i in (0, 7, len(images) - 1):  # each file is its idx image, padded with black, exactly

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train_mae as T
 from conftest import ROOT, TINY
 
@@ -55,9 +56,9 @@ def one_line_error(call):
 
 def test_the_packed_copy_has_the_folders_classes_labels_and_images(source, tmp_path):
     prepare(source, tmp_path / 'packed')
-    classes = T.ImageFolder(source / 'train').classes
+    classes = data.ImageFolder(source / 'train').classes
     for split in ('train', 'val'):
-        folder, packed = T.ImageFolder(source / split, classes), T.PackedImages(str(tmp_path / 'packed'), split)
+        folder, packed = data.ImageFolder(source / split, classes), data.PackedImages(str(tmp_path / 'packed'), split)
         assert packed.classes == folder.classes == ['cat', 'dog', 'eel']
         assert packed.rows[:, 3].tolist() == [label for _, label in folder.samples]
         for i in range(len(folder)):
@@ -99,13 +100,13 @@ def test_crops_resized_on_the_device_have_the_loaders_pixels(source, tmp_path):
             c = T.SimpleNamespace(**{**T.CONFIG, 'data_dir': str(data), 'img_size': size})
             (pil, _), (device, _) = (T.build_datasets(c, 4, on) for on in (False, True))
             keys = [(epoch, i) for epoch in range(4) for i in range(len(pil))]
-            want = T.collate([pil[k] for k in keys])
-            got = T.collate([device[k] for k in keys])
+            want = data.collate([pil[k] for k in keys])
+            got = data.collate([device[k] for k in keys])
             assert want.crop.shape == (len(keys), 0) and got.crop.shape == (len(keys), 7)
             assert 0 < got.crop[:, 6].sum() < len(keys)  # flipped and not
             assert torch.equal(want.noise, got.noise) and torch.equal(want.labels, got.labels)
-            resized = T.to_device(got.imgs, 'cpu', got.crop, size)
-            diff = (resized - T.to_device(want.imgs, 'cpu')) * torch.tensor(T.IMAGENET_STD).view(1, 3, 1, 1) * 255
+            resized = data.to_device(got.imgs, 'cpu', got.crop, size)
+            diff = (resized - data.to_device(want.imgs, 'cpu')) * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255
             assert diff.abs().max() < 1 + 1e-3, (data, size)
             assert (diff.abs() > 0.5).float().mean() < 1e-3, (data, size)
 
@@ -141,7 +142,7 @@ def test_an_interrupted_prepare_resumes_and_completes(source, tmp_path):
     assert sorted(os.listdir(dst)) == files and 'train_00004.bin' in files and 'index.json' in files
     for f in files:
         assert (dst / f).read_bytes() == (tmp_path / 'straight' / f).read_bytes(), f
-    assert len(T.PackedImages(str(dst), 'train')) == 25
+    assert len(data.PackedImages(str(dst), 'train')) == 25
 
 
 def test_a_finished_copy_is_never_overwritten_and_a_resume_keeps_its_settings(source, tmp_path):
@@ -176,8 +177,8 @@ def test_unreadable_source_images_are_reported_counted_and_left_out(source, tmp_
     assert index['splits']['train']['skipped'] == 2 and index['splits']['train']['images'] == 23  # 25 files
     assert index['skipped_files'] == [os.path.join('train', 'dog', '3.JPEG'), os.path.join('train', 'dog', 'readme.JPEG')]
     bad = {str(source / 'train' / 'dog' / '3.JPEG'), str(source / 'train' / 'dog' / 'readme.JPEG')}
-    kept = [label for path, label in T.ImageFolder(source / 'train').samples if path not in bad]
-    assert T.PackedImages(str(tmp_path / 'packed'), 'train').rows[:, 3].tolist() == kept
+    kept = [label for path, label in data.ImageFolder(source / 'train').samples if path not in bad]
+    assert data.PackedImages(str(tmp_path / 'packed'), 'train').rows[:, 3].tolist() == kept
 
 
 @pytest.mark.parametrize('script', ['train_mae', 'probe'])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import muon
 import probe
 import train_mae
@@ -259,10 +260,10 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
     train_set.train = False
     probes = probe.AttentiveProbes(1, c.enc_dim, 10, c.seed)
     opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
-    encode = lambda ds, idx: (model.forward_features(train_mae.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu')),
+    encode = lambda ds, idx: (model.forward_features(data.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu')),
                               torch.tensor([ds[k].labels for k in idx]))
     total = 3 * (96 // 32)
-    for step, batch in enumerate(train_mae.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
+    for step, batch in enumerate(data.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
         with torch.no_grad():
             x, y = encode(train_set, [(0, i) for _, i in batch])
         F.cross_entropy(probes(x)[0], y).backward()
@@ -286,10 +287,10 @@ def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path
     train_set.train = False
     probes = probe.LinearProbes(1, 3 * 32 * 32, 10, c.seed)
     opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
-    pixels = lambda ds, idx: (train_mae.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu').reshape(len(idx), 1, -1),
+    pixels = lambda ds, idx: (data.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu').reshape(len(idx), 1, -1),
                               torch.tensor([ds[k].labels for k in idx]))
     total = 2 * (96 // 32)
-    for step, batch in enumerate(train_mae.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
+    for step, batch in enumerate(data.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
         x, y = pixels(train_set, [(0, i) for _, i in batch])
         F.cross_entropy(probes(x)[0], y).backward()
         opt.step(torch.tensor([1e-3]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0, 1 / 3))

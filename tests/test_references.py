@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import data
 import harness
 import train_mae as T
 from conftest import TINY, kill_run, read_log, run, start, wait_for_step, worker_pids
@@ -282,9 +283,9 @@ def test_each_image_of_a_batch_draws_its_own_crop_flip_and_mask(tmp_path):
     assert all(torch.equal(s.imgs, v[0].imgs) for s in v)
     assert len({tuple(s.noise.tolist()) for s in v}) == n
     # workers draw what the main process draws: the randomness is (seed, epoch, index), not a process's state
-    batches = T.TrainBatches(n, 16, 8, 0, 1, 0, 0, 6)
-    here = [T.collate([train[k] for k in b]) for b in batches]
-    there = list(T.make_loader(train, batches, num_workers=2, pin=False))
+    batches = data.TrainBatches(n, 16, 8, 0, 1, 0, 0, 6)
+    here = [data.collate([train[k] for k in b]) for b in batches]
+    there = list(data.make_loader(train, batches, num_workers=2, pin=False))
     assert len(here) == len(there) == 12
     for a, b in zip(here, there):
         assert torch.equal(a.imgs, b.imgs) and torch.equal(a.noise, b.noise)
@@ -379,11 +380,12 @@ def slow_train_crops(path, S, scale, epochs):
     """(the loader's crop, the slow path's) per epoch: the slow path decodes the whole image
     and resizes the crop's box with PIL (its two passes, horizontal first, as the loader's),
     from the same rng draws, with the same flip."""
-    dataset = T.MAEDataset(OneFile(path), S, True, 4, 0, scale)
+    cfg = T.DataConfig(data_dir=path, img_size=S, synthetic_size=(1, 1), crop_scale=scale, seed=0)
+    dataset = T.MAEDataset(OneFile(path), cfg, True, 4)
     for epoch in range(epochs):
         fast, _, _ = dataset.load(0, np.random.default_rng([0, 1, epoch, 0]))
         rng = np.random.default_rng([0, 1, epoch, 0])
-        full = T.to_rgb(Image.open(path))
+        full = data.to_rgb(Image.open(path))
         W, H = full.size
         x0, y0, w, h = T.random_resized_crop(W, H, scale, rng)
         x0, y0, x1, y1 = np.float32([x0, y0, x0 + w, y0 + h]).tolist()
@@ -466,11 +468,11 @@ def test_loss_falls_below_what_a_decoder_blind_to_positions_reaches(tmp_path):
     model = T.build_model(c)
     model.load_state_dict(torch.load(out / 'ckpt.pt', weights_only=True)['model'])
     _, val = T.build_datasets(c, model.num_patches)
-    imgs, _, noise, _, _ = T.collate([val[(0, i)] for i in range(len(val))])
+    imgs, _, noise, _, _ = data.collate([val[(0, i)] for i in range(len(val))])
     with torch.no_grad():
-        torch.testing.assert_close(model(T.to_device(imgs, 'cpu'), noise)[0].item(), val_loss, rtol=1e-4, atol=0)
+        torch.testing.assert_close(model(data.to_device(imgs, 'cpu'), noise)[0].item(), val_loss, rtol=1e-4, atol=0)
         model.decoder_pos_embed.zero_()
-        assert model(T.to_device(imgs, 'cpu'), noise)[0].item() > val_loss + 0.3
+        assert model(data.to_device(imgs, 'cpu'), noise)[0].item() > val_loss + 0.3
 
 
 # --- compiled against eager --------------------------------------------------------

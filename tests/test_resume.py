@@ -138,10 +138,10 @@ def test_a_wsd_or_rsqrt_run_may_be_shortened_for_a_cooldown(schedule, epochs, st
     ckpt, c = ckpt_of(step, schedule=schedule)
     c.epochs = epochs
     if allowed:
-        assert harness.check_resume(c, ckpt, 256, T.run_length) == {}
+        assert T.check_resume(c, ckpt, 256) == {}
     else:
         with pytest.raises(SystemExit, match=f"--epochs={epochs} .*changes the lr of the {step} steps"):
-            harness.check_resume(c, ckpt, 256, T.run_length)
+            T.check_resume(c, ckpt, 256)
 
 
 def test_free_keys_are_free_and_an_override_must_name_a_key():
@@ -149,7 +149,7 @@ def test_free_keys_are_free_and_an_override_must_name_a_key():
     for key, value in (('micro_batch_size', 4), ('compile', False), ('num_workers', 0), ('eval_interval', 7),
                        ('log_interval', 3), ('data_dir', '/elsewhere')):
         setattr(c, key, value)
-    assert harness.check_resume(c, ckpt, 256, T.run_length) == {}
+    assert T.check_resume(c, ckpt, 256) == {}
     c.resume_override = 'no_such_key'
     with pytest.raises(SystemExit, match="unknown key 'no_such_key'"):
-        harness.check_resume(c, ckpt, 256, T.run_length)
+        T.check_resume(c, ckpt, 256)

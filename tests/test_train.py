@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import harness
 import train_mae as T
 from conftest import TINY, read_log, run
@@ -73,20 +74,20 @@ def test_samples_depend_only_on_seed_epoch_and_index():
     x2, y2, n2, _, _ = train[(3, 5)]
     assert torch.equal(x1, x2) and torch.equal(n1, n2) and y1 == y2 and x1.dtype == torch.uint8
     assert not torch.equal(train[(4, 5)][2], n1)  # a new mask each epoch
-    loaders = [list(T.make_loader(train, T.TrainBatches(256, 16, 8, 0, 1, 0, 0, 3), w, False)) for w in (0, 2)]
+    loaders = [list(data.make_loader(train, data.TrainBatches(256, 16, 8, 0, 1, 0, 0, 3), w, False)) for w in (0, 2)]
     for a, b in zip(*loaders):
         assert all(torch.equal(u, v) for u, v in zip(a, b))  # worker processes change nothing
 
 
 def test_train_batches_split_global_batches_across_ranks_and_resume():
-    one = [sum(b, []) for b in zip(*[iter(T.TrainBatches(100, 16, 4, 0, 1, 0, 0, 12))] * 4)]
-    two = [list(T.TrainBatches(100, 16, 4, r, 2, 0, 0, 12)) for r in range(2)]
+    one = [sum(b, []) for b in zip(*[iter(data.TrainBatches(100, 16, 4, 0, 1, 0, 0, 12))] * 4)]
+    two = [list(data.TrainBatches(100, 16, 4, r, 2, 0, 0, 12)) for r in range(2)]
     for s in range(12):  # step s: rank 0's two micro-batches, then rank 1's, make the one-process batch
         assert two[0][2 * s] + two[0][2 * s + 1] + two[1][2 * s] + two[1][2 * s + 1] == one[s]
     per_epoch = [i for b in one[:6] for _, i in b]
     assert len(set(per_epoch)) == len(per_epoch) == 96  # an epoch: no duplicates, 100 // 16 batches
     assert {e for b in one[6:] for e, _ in b} == {1} and one[6] != one[0]  # reshuffled
-    resumed = list(T.TrainBatches(100, 16, 4, 0, 1, 0, 7, 12))
+    resumed = list(data.TrainBatches(100, 16, 4, 0, 1, 0, 7, 12))
     assert resumed == [b for s in one[7:] for b in (s[0:4], s[4:8], s[8:12], s[12:16])]
 
 
@@ -118,10 +119,10 @@ def test_image_folder_reads_jpeg_png_and_odd_modes(tmp_path):
     for i in range(len(train)):
         x, _, noise, skipped, _ = train[(0, i)]
         assert x.shape == (32, 32, 3) and x.dtype == torch.uint8 and noise.shape == (16,) and skipped == 0
-    x = T.to_rgb(Image.open(folder / 'deep.png'))
+    x = data.to_rgb(Image.open(folder / 'deep.png'))
     assert x.mode == 'RGB' and abs(int(np.asarray(x)[0, 0, 0]) - 40000 // 256) <= 1  # 16 bit: scaled, not clipped
-    assert np.asarray(T.to_rgb(Image.open(folder / 'cmyk.jpg')))[0, 0].tolist() == [0, 255, 255]  # cyan ink
-    assert np.asarray(T.to_rgb(Image.open(folder / 'gray.jpg')))[0, 0].tolist() == [100, 100, 100]
+    assert np.asarray(data.to_rgb(Image.open(folder / 'cmyk.jpg')))[0, 0].tolist() == [0, 255, 255]  # cyan ink
+    assert np.asarray(data.to_rgb(Image.open(folder / 'gray.jpg')))[0, 0].tolist() == [100, 100, 100]
 
 
 def test_val_transform_is_a_centre_crop(tmp_path):
