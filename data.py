@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import torch
@@ -129,9 +130,9 @@ def write_shard(root, split, k, items):
     rows = []
 
     def write(f):
-        for data, label in items:
-            rows.append((f.tell(), len(data), label))
-            f.write(data)
+        for blob, label in items:
+            rows.append((f.tell(), len(blob), label))
+            f.write(blob)
     harness.write_atomic(PackedImages.shard_path(root, split, k), write)
     harness.write_atomic(shard_rows_path(root, split, k), lambda f: np.save(f, np.array(rows, np.int64).reshape(-1, 3)))
 
@@ -195,7 +196,16 @@ class TrainBatches:
 
 def make_loader(dataset, batch_sampler, num_workers, pin):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=collate, pin_memory=pin, persistent_workers=num_workers > 0)
+                                       collate_fn=collate, pin_memory=pin, persistent_workers=num_workers > 0,
+                                       worker_init_fn=leave_signals_to_the_main_process if num_workers else None)
+
+
+def leave_signals_to_the_main_process(worker_id):
+    """A scheduler's SIGTERM (or a Ctrl-C) reaches the whole process group, the workers
+    too: a worker that died of it would crash the run before it saves. The workers ignore
+    them; the main process saves, exits, and shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate(samples):

@@ -46,6 +46,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
+import data  # noqa: E402
 import harness  # noqa: E402
 import muon  # noqa: E402
 import train_mae  # noqa: E402
@@ -207,7 +208,7 @@ def newton_schulz(c, s, dev, iters):
 
 def check_numerics(c, s):
     mc = model_config(c, s, dtype='bfloat16')
-    rt = harness.setup(mc)  # TF32 and bf16 autocast as in training
+    rt = harness.setup(mc.device, mc.dtype, mc.ddp_timeout)  # TF32 and bf16 autocast as in training
     dev = rt.device
     batches = fixed_batches(mc, dev, s.numerics_batch)
     yield from parts(('bf16 autocast vs fp32', lambda: bf16_vs_fp32(mc, rt, batches, s.numerics_steps)),
@@ -221,8 +222,8 @@ def fixed_batches(mc, dev, n):
     val = train_mae.build_datasets(cfg, (mc.img_size // mc.patch_size) ** 2)[1]
     batches = []
     for k in range(2):
-        batch = train_mae.collate([val[0, i] for i in range(k * n, (k + 1) * n)])
-        batches.append((train_mae.to_device(batch.imgs, dev), batch.noise.to(dev)))
+        batch = data.collate([val[0, i] for i in range(k * n, (k + 1) * n)])
+        batches.append((data.to_device(batch.imgs, dev), batch.noise.to(dev)))
     return batches
 
 
@@ -311,11 +312,11 @@ def check_data(c, s):
     bench.make_jpegs(os.path.join(root, 'jpegs', 'val'), s.val_images, c.seed + 1, workers)
     made_s = time.perf_counter() - t0
     packed = packed_dir(c, s)
-    if not os.path.exists(os.path.join(packed, train_mae.PACKED_INDEX)):
+    if not os.path.exists(os.path.join(packed, data.PACKED_INDEX)):
         shutil.rmtree(packed, ignore_errors=True)  # an unfinished copy of another attempt
         subprocess.run([sys.executable, bench.PREPARE_DATA, os.path.join(root, 'jpegs'), packed,
                         f'--workers={workers}'], check=True, stdout=sys.stderr)
-    with open(os.path.join(packed, train_mae.PACKED_INDEX)) as f:
+    with open(os.path.join(packed, data.PACKED_INDEX)) as f:
         splits = json.load(f)['splits']
     train, val = splits['train'], splits['val']
     yield dict(part='made', train_images=train['images'], val_images=val['images'],
@@ -350,12 +351,10 @@ def resume_run(c, s, world):
 
     p = Torchrun(c, world, args + [f'--out_dir={stopped}'], 'stopped')
     wait_for_step(stopped, s.run_steps // 4, p.proc)
-    # To the ranks, not to torchrun: torchrun (as a scheduler that signals every process) passes
-    # SIGTERM to each rank's whole process group, and a DataLoader worker that dies of it takes the
-    # rank down before it saves
-    for pid in p.ranks():
-        os.kill(pid, signal.SIGTERM)
-    p.wait()
+    # as a scheduler does: torchrun passes it to each rank's process group, DataLoader workers included
+    # (they leave it to their rank: data.leave_signals_to_the_main_process), then exits 1 itself
+    p.proc.send_signal(signal.SIGTERM)
+    p.proc.wait()
     stopped_at = torch.load(os.path.join(stopped, 'ckpt.pt'), weights_only=True)['step']
     if not 0 < stopped_at < s.run_steps or 'stopped by signal' not in p.output():
         raise RuntimeError(f"the SIGTERM did not stop the run midway (checkpoint at step {stopped_at}): {p.log}")
@@ -393,9 +392,6 @@ class Torchrun:
     def wait(self):
         if self.proc.wait() != 0:
             raise RuntimeError(f"torchrun exited {self.proc.returncode}: {self.output()[-300:]!r} ({self.log})")
-
-    def ranks(self):
-        return children(self.proc.pid)  # torchrun's workers
 
     def output(self):
         with open(self.log) as f:

@@ -50,6 +50,18 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     assert params(tmp_path)['step'] == last and last < 400 and 'stopped by signal' in out
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_too(tmp_path):
+    """A scheduler (SLURM, a preemptible VM) signals every process of the job, the DataLoader's
+    workers too: they must leave the signal to the main process, which saves and exits."""
+    p = start(LONG + [f'--out_dir={tmp_path}', '--num_workers=2'])
+    wait_for_step(tmp_path, 4, p)
+    os.killpg(p.pid, signal.SIGTERM)  # start() gives the run a session, so a group, of its own
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    last = max(r['step'] for r in read_log(tmp_path))
+    assert params(tmp_path)['step'] == last and last < 400 and 'stopped by signal' in out
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     T.main(TINY + [f'--out_dir={tmp_path}', '--max_iters=2'])
     before = params(tmp_path)
