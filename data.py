@@ -124,9 +124,9 @@ def shard_rows_path(root, split, k):
 
 
 def write_shard(root, split, k, items):
-    """Shard k of a packed split: the (JPEG bytes, label) items concatenated into its .bin,
-    then their rows into its .npy (b'': an unreadable image, length 0, left out of the
-    index). Both written atomically; returns nothing."""
+    """Shard k of a packed split: the (JPEG bytes, label) items (an iterable: read as the
+    .bin is written) concatenated into its .bin, then their rows into its .npy (b'': an
+    unreadable image, length 0, left out of the index). Both written atomically."""
     rows = []
 
     def write(f):

@@ -79,17 +79,19 @@ def init_worker():
 
 
 def pack_shard(job):
-    """Pack one shard (data.write_shard): returns (images, errors); an unreadable image
-    is left out (length 0) and named in errors."""
+    """Pack one shard (data.write_shard), each image encoded as it is written: returns
+    (images, errors); an unreadable image is left out (length 0) and named in errors."""
     dst, split, k, samples, side, quality = job
-    items, errors = [], []
-    for path, label in samples:
-        try:
-            items.append((encode(path, side, quality), label))
-        except data.UNREADABLE as e:
-            items.append((b'', label))
-            errors.append(f"{path}: {e}")
-    write_shard(dst, split, k, items)
+    errors = []
+
+    def encoded():
+        for path, label in samples:
+            try:
+                yield encode(path, side, quality), label
+            except data.UNREADABLE as e:
+                errors.append(f"{path}: {e}")
+                yield b'', label
+    write_shard(dst, split, k, encoded())
     return len(samples), errors
 
 

@@ -29,22 +29,22 @@ def tiny_package(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     src = tmp_path / 'pkg'
     src.mkdir()
-    data = {}
+    splits = {}
     for split, (prefix, n) in {'train': ('train', 30), 'val': ('t10k', 12)}.items():
         images, labels = rng.integers(0, 256, (n, 28, 28)), np.arange(n) % 10
         write_idx(src / f'{prefix}-images-idx3-ubyte.gz', images)
         write_idx(src / f'{prefix}-labels-idx1-ubyte.gz', labels)
-        data[split] = images, labels
+        splits[split] = images, labels
     monkeypatch.setattr(P, 'SPLITS', {'train': ('train', 30), 'val': ('t10k', 12)})
-    return src, data
+    return src, splits
 
 
 def test_pixels_labels_and_counts_survive_and_train_mae_reads_them(tmp_path, tiny_package):
-    src, data = tiny_package
+    src, splits = tiny_package
     dst = tmp_path / 'fm'
     P.prepare(str(src), str(dst), workers=2)
     assert not (tmp_path / 'fm.partial').exists()
-    for split, (images, labels) in data.items():
+    for split, (images, labels) in splits.items():
         folder = data.ImageFolder(str(dst / split))
         assert folder.classes == [f'{k}_{name}' for k, name in enumerate(P.CLASSES)]
         assert sorted(label for _, label in folder.samples) == sorted(labels.tolist())
