@@ -109,7 +109,8 @@ def check_config(c):
     for key in CHOICES.keys() - {f.name for f in dataclasses.fields(ModelConfig)}:  # the model checks its own
         if getattr(c, key) not in CHOICES[key]:
             raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(CHOICES[key])}")
-    ModelConfig.of(c), DataConfig.of(c)
+    ModelConfig.of(c)
+    DataConfig.of(c)
     if not c.data_dir:
         raise ConfigError("--data_dir is required: an ImageFolder root with train/ and val/, its "
                           "scripts/prepare_data.py copy, or 'synthetic'")
