@@ -1,24 +1,34 @@
-"""The small-scale study, run as optimizer comparisons must be (Wen et al. 2025,
-"Fantastic Pretraining Optimizers and Where to Find Them"): every optimizer at
-its own tuned peak lr, compared at the end of training, at two run lengths; the
-architecture rows at Muon's tuned lr; 3 seeds; probes against a random encoder.
+"""The studies, run as optimizer comparisons must be (Wen et al. 2025, "Fantastic
+Pretraining Optimizers and Where to Find Them"): every optimizer tuned on its own,
+compared at the end of training at several run lengths, paired by seed; 3 seeds;
+probes against a random encoder.
+
+The built-in study (config/study.py; each optimizer's peak lr tuned):
 
     python scripts/study.py sweep     # 1. each optimizer's lr sweep at the short length, widened till the best is inside
     python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best;
                                       #    then the 4x best of each at the other seeds
-    python scripts/study.py seeds     # one setting (e.g. the quick start's) over seeds, against a random encoder
     python scripts/study.py long      #    AdamW at 16x the length, at its 4x best lr (one seed)
     python scripts/study.py tables    # 3. the blog's rows, the probe experiment, the papers' flags: 3 seeds, probed
+    python scripts/study.py seeds     # one setting (e.g. the quick start's) over seeds, against a random encoder
     python scripts/study.py report    # tables and plots of what has finished -> results/study/
 
+The tuned study (config/fmnist.py; every optimizer tuned beyond the lr, docs/study.md):
+
+    python scripts/study.py tune --config=config/fmnist.py --length=300 --optimizers=adamw   # (and muon) KNOBS,
+                                      #    one at a time, until each best is inside its grid
+    python scripts/study.py scale ...  # the lr re-tuned at 4x and 16x, 3 seeds each, probed; one check per knob
+    python scripts/study.py rows ...   # the blog's rows at 4x, each optimizer at its tuned setting there
+    python scripts/study.py report_tuned ...   # -> the --results folder's study.md
+
 Every run is `train_mae.py CONFIG --optimizer=.. --lr=.. --max_iters=.. --seed=..`
-plus a row's flags, on one core. When it finishes, its summary (val-loss curve,
-wall time, later its probe results) goes to results/study/runs/<run>.json, and a
-run with a summary is never run again: stop a phase at any time and run it again
-to go on; an interrupted run resumes from its checkpoint in out/study/<run>/. Two
-processes may work on one phase at once (a run in progress is locked). To test
-an idea, fork: change config/study.py or the rows below, pass --results and --out,
-and run the same four commands.
+plus a row's or a setting's flags, on one core. When it finishes, its summary
+(val-loss curve, wall time, later its probe results) goes to <results>/runs/<run>.json,
+and a run with a summary is never run again: stop a phase at any time and run it
+again to go on; an interrupted run resumes from its checkpoint in <out>/<run>/. Two
+processes may work on one phase at once (a run in progress is locked). To test an
+idea, fork: change the config or the rows below, pass --results and --out, and run
+the same commands.
 """
 import argparse
 import json
