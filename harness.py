@@ -1,8 +1,10 @@
 """The harness around the algorithm, shared by train_mae.py, probe.py and bench.py:
-config parsing and checks, processes and devices, checkpoints, the run log,
-signals. None of it is MAE; it is here so that train_mae.py reads as the
-algorithm (nanoGPT keeps its configurator in a file of its own for the same
-reason). It imports nothing of nanoMAE's: train_mae.py passes in what it needs.
+config parsing (`--key=value` and config files, each value of its key's type),
+processes and devices, checkpoints, the resume check, the run log, signals. None
+of it is MAE, and it knows no setting by name: the rules of the settings live
+beside them in train_mae.py, which passes in what is needed (nanoGPT keeps its
+configurator in a file of its own for the same reason). It imports nothing of
+nanoMAE's.
 """
 import ast
 import contextlib
