@@ -927,21 +927,28 @@ def report_tuned(a):
         tuned = settings[optimizer].get(L)
         parts += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
                   if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
-    parts += lengths_tuned(a, settings, traces)
+    floors = tuned_floors(a, settings)
+    parts += lengths_tuned(a, settings, traces, floors)
     at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
-    floor = {r['seed']: r['probes']['random'] for r in (load(a, setting_run(a, 'adamw', settings['adamw'][L], L, s))
-                                                         for s in a.seeds) if r and 'random' in r['probes']} \
-        if settings['adamw'].get(L) else {}
     for name in (n for n in a.tables if n != 'papers'):
         if None not in at.values():
-            text, _ = report_table(a, name, lambda row, seed: row_run(a, row, seed, at), floor)
+            text, _ = report_table(a, name, lambda row, seed: row_run(a, row, seed, at), floors['random'])
             parts += [f"## {name}, at {4 * L} steps", '', text, '']
     with open(os.path.join(a.results, 'study.md'), 'w') as f:
         f.write('\n'.join(parts) + '\n')
     print('\n'.join(parts))
 
 
-def lengths_tuned(a, settings, traces):
+def tuned_floors(a, settings):
+    """The probes' floors of the tuned study, {'random': {seed: probes}, 'pixels': {seed: probes}}:
+    probed beside AdamW's runs at its tuned short-length setting (scale)."""
+    setting = settings['adamw'].get(a.length)
+    runs = [r for r in (load(a, setting_run(a, 'adamw', setting, a.length, s)) for s in a.seeds) if r] if setting else []
+    return {name: {r['seed']: r['probes'][key] for r in runs if key in r['probes']}
+            for name, key in (('random', 'random'), ('pixels', 'pixels=True_head=linear'))}
+
+
+def lengths_tuned(a, settings, traces, floor):
     """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
     the lr sweeps of the longer lengths, the checks at the longest, the speedup, the probes."""
     L = a.length
@@ -997,8 +1004,6 @@ def lengths_tuned(a, settings, traces):
                   f"{', '.join(str(n) for n, _ in adamw)} steps: " +
                   '; '.join(f"{rule} {show(e)}" for rule, e in estimates.items()) + '.']
     probed = {k: [r['probes']['default'] for r in runs if 'default' in r['probes']] for k, runs in runs_at.items()}
-    floor = {name: {r['seed']: r['probes'][key] for r in runs_at['adamw', L] if key in r['probes']}
-             for name, key in (('random', 'random'), ('pixels', 'pixels=True_head=linear'))}
     if any(probed.values()):
         lines += ['', '| steps | attentive: AdamW | attentive: Muon | linear: AdamW | linear: Muon |',
                   '|---|---|---|---|---|']
