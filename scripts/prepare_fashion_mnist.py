@@ -19,7 +19,6 @@ interrupted run, which the script names and refuses to touch (delete it, run aga
 import gzip
 import multiprocessing
 import os
-import shutil
 import struct
 import sys
 

@@ -900,7 +900,7 @@ HELD = {  # what the tuned protocol holds fixed, besides the config's model, dat
 def report_tuned(a):
     """The real-data study's report (tune, scale): results/<...>/study.md."""
     os.makedirs(a.results, exist_ok=True)
-    L, lengths = a.length, (a.length, 4 * a.length, 16 * a.length)
+    L = a.length
     parts = [f"# The tuned study: `{os.path.relpath(a.config, ROOT)}`", '',
              f"Short length {L} steps, then {4 * L} and {16 * L}; probes `{' '.join((a.probe_config, *a.probe_args))}`. "
              "Made by `python scripts/study.py report_tuned`. Wall times: one core per run, as measured, two runs at a "
