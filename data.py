@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -166,6 +167,32 @@ def decode_crop(img, crop, size):
     img = img.crop([int(v) for v in part])  # decodes
     img = img if img.mode == 'RGB' else to_rgb(img)
     return img, box - np.float32(part[:2] * 2)  # exact: a float32 less a whole number of pixels
+
+
+def resize_box(img, box, size):
+    """PIL's bicubic resize of box (x0, y0, x1, y1) of img to size x size, as two explicit
+    passes, horizontal first, as Pillow <= 12 always did (13 picks an order per image, and
+    the order matters where a first pass clips) and as resized_crops does on the device."""
+    x0, y0, x1, y1 = box.tolist()
+    img = img.resize((size, img.height), Image.BICUBIC, box=(x0, 0, x1, img.height))
+    return img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
+
+
+def read_skipping(source, i, read):
+    """(read(j), skipped) for the first j from i on whose file reads: an unreadable image costs
+    one sample, not the run, and is counted. A few warnings per process, not a flood."""
+    for skipped in range(min(len(source), 100)):
+        j = (i + skipped) % len(source)
+        try:
+            return read(j), skipped
+        except UNREADABLE as e:
+            if _warned[0] < 3:
+                print(f"warning: skipping unreadable image {source.name(j)}: {e}", file=sys.stderr)
+            _warned[0] += 1
+    raise RuntimeError(f"100 unreadable images in a row from index {i}: is the data set corrupt?")
+
+
+_warned = [0]  # in this process (each loader worker is one)
 
 
 # -----------------------------------------------------------------------------

@@ -252,6 +252,16 @@ def load_checkpoint(path, defaults):
     return ckpt
 
 
+def load_states(path, ckpt, model, optimizers):
+    """The checkpoint's weights into model and its optimizer states into optimizers, or one line saying why not."""
+    try:
+        model.load_state_dict(ckpt['model'])
+        for opt, state in zip(optimizers, ckpt['optimizers'], strict=True):
+            opt.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path} does not fit this run's model or optimizers: {str(e).splitlines()[0]}")
+
+
 def check_architecture(c, ckpt, keys):
     """A checkpoint loads only into the same architecture (config keys `keys`)."""
     for key in keys:

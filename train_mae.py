@@ -451,7 +451,6 @@ class MAEDataset(torch.utils.data.Dataset):
     def __init__(self, source, cfg, train, num_patches, resize_on_device=False):
         self.source, self.cfg, self.train, self.num_patches = source, cfg, train, num_patches
         self.resize_on_device = resize_on_device and train  # val keeps PIL's centre crop
-        self.warnings = 0
 
     def __len__(self):
         return len(self.source)
@@ -460,16 +459,8 @@ class MAEDataset(torch.utils.data.Dataset):
         epoch, i = key
         rng = np.random.default_rng([self.cfg.seed, self.train, epoch, i])
         noise = rng.random(self.num_patches, dtype=np.float32)
-        for skipped in range(min(len(self.source), 100)):  # unreadable: take the next file, count the skip
-            j = (i + skipped) % len(self.source)
-            try:
-                img, label, crop = self.load(j, rng)
-                return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped, crop)
-            except data.UNREADABLE as e:
-                if self.warnings < 3:  # per worker: a few lines, not a flood; the count goes in the log
-                    print(f"warning: skipping unreadable image {self.source.name(j)}: {e}", file=sys.stderr)
-                self.warnings += 1
-        raise RuntimeError(f"100 unreadable images in a row from index {i}: is the data set corrupt?")
+        (img, label, crop), skipped = data.read_skipping(self.source, i, lambda j: self.load(j, rng))
+        return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped, crop)
 
     def load(self, j, rng):
         S = self.cfg.img_size
@@ -485,11 +476,7 @@ class MAEDataset(torch.utils.data.Dataset):
         if self.resize_on_device:
             crop = [*box[:2], *(box[2:] - box[:2]), *img.size, flip]  # spans in float32, as PIL computes them
             return img, label, torch.tensor(crop, dtype=torch.float64)
-        # PIL's bicubic resize as two explicit passes, horizontal first, as Pillow <= 12 always did (13
-        # picks an order per image; the order matters where a first pass clips), and as data.resized_crops
-        x0, y0, x1, y1 = box.tolist()
-        img = img.resize((S, img.height), Image.BICUBIC, box=(x0, 0, x1, img.height))
-        img = img.resize((S, S), Image.BICUBIC, box=(0, y0, S, y1))
+        img = data.resize_box(img, box, S)
         if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return img, label, torch.tensor([0, 0, S, S, S, S, 0], dtype=torch.float64)  # done: the whole image, unflipped
@@ -534,11 +521,8 @@ def build_optimizers(model, c, device_type, log=print):
     groups = param_groups(model, c)
     for key, named in groups.items():
         log(f"{key}: {len(named)} tensors, {sum(p.numel() for _, p in named):,} parameters")
+    # state_dtype=bfloat16 reaches Muon's momentum (AdamW's moments stay fp32) or LAMB's first moment
     state_dtype = torch.bfloat16 if c.state_dtype == 'bfloat16' else None
-    if state_dtype or c.optimizer == 'adafactor':  # which part of the model the memory saving reaches
-        log({'muon': "state_dtype=bfloat16: Muon's momentum (the muon group) in bf16, AdamW's moments in fp32",
-             'lamb': "state_dtype=bfloat16: LAMB's first moment in bf16 (all groups), its second in fp32",
-             'adafactor': "adafactor: bf16 momentum everywhere, factored second moment for the decay group"}[c.optimizer])
     decay = [p for _, p in groups['decay']]
     no_decay = [p for _, p in groups['no_decay']]
     if c.optimizer == 'lamb':
@@ -695,12 +679,7 @@ def main(argv):
     if ckpt is not None:
         harness.check_architecture(c, ckpt, ARCH_KEYS)
         overridden = check_resume(c, ckpt, len(train_set))
-        try:
-            model.load_state_dict(ckpt['model'])
-            for opt, state in zip(optimizers, ckpt['optimizers'], strict=True):
-                opt.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError(f"{ckpt_path} does not fit this run's model or optimizers: {str(e).splitlines()[0]}")
+        harness.load_states(ckpt_path, ckpt, model, optimizers)
         step, best_val = ckpt['step'], ckpt['best_val_loss']
         log(f"resumed from {ckpt_path} at step {step}" + (f", overriding {overridden}" if overridden else ""))
     tracker = dict(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c)) if c.wandb_log else None
