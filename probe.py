@@ -52,6 +52,8 @@ lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # the sweep 
 wds = (5e-4, 1e-3, 5e-2)
 probe_optimizer = 'adamw'  # 'adamw', or 'muon' (Muon on the probe's matrices, AdamW on the query and biases)
 head = 'attentive'  # 'attentive', 'linear' (MAE's: mean-pooled tokens, BatchNorm without affine, a Linear) or 'both'
+linear_pool = 'mean'  # the linear head's features: 'mean' of the patch tokens (MAE's) or 'flatten' (all L x D of
+# them: a logistic regression on the tokens, as --pixels=True is on the pixels: like for like in what it may read)
 head_weight_decay = -1.0  # weight decay of the final Linear; < 0 = the setting's (Zhai et al. 2022 decouple them)
 augment = True  # False: the probes train on centre crops without flips (the val transform), so the encoder
 # runs once over the train set and its tokens stay in memory (N x L x D values): epochs then cost little (small data)
@@ -115,17 +117,20 @@ class LinearProbes(nn.Module):
     """P linear probes, stacked: MAE's protocol (He et al. 2022, appendix A.2)
     without [CLS]: the mean of the patch tokens, a BatchNorm without affine
     parameters, one Linear. The BatchNorm has no parameters and sees the same
-    features for every probe, so one serves all P."""
+    features for every probe, so one serves all P. pool='flatten' reads all
+    tokens concatenated instead (dim is then L x D)."""
 
-    def __init__(self, num_probes, dim, num_classes, seed=0):
+    def __init__(self, num_probes, dim, num_classes, seed=0, pool='mean'):
         super().__init__()
+        self.pool = pool
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
         g = torch.Generator().manual_seed(seed)
         self.head_w = nn.Parameter((torch.randn(num_classes, dim, generator=g) * 0.01).expand(num_probes, -1, -1).clone())
         self.head_b = nn.Parameter(torch.zeros(num_probes, num_classes))
 
     def forward(self, x):  # x [N, L, D] -> logits [P, N, classes]
-        feats = self.bn(x.mean(dim=1).to(self.bn.running_mean.dtype))  # [N, D], in the BatchNorm's fp32 under autocast
+        feats = x.flatten(1) if self.pool == 'flatten' else x.mean(dim=1)  # [N, L*D] or [N, D]
+        feats = self.bn(feats.to(self.bn.running_mean.dtype))  # in the BatchNorm's fp32 under autocast
         return torch.einsum('nd,pcd->pnc', feats, self.head_w) + self.head_b[:, None]
 
 
@@ -212,6 +217,8 @@ def load_config(argv):
         raise ConfigError(f"--probe_optimizer={c.probe_optimizer!r}: must be one of adamw, muon")
     if c.head not in ('attentive', 'linear', 'both'):
         raise ConfigError(f"--head={c.head!r}: must be one of attentive, linear, both")
+    if c.linear_pool not in ('mean', 'flatten'):
+        raise ConfigError(f"--linear_pool={c.linear_pool!r}: must be one of mean, flatten")
     if c.pixels and (c.head != 'linear' or c.random_encoder):
         raise ConfigError(f"--pixels=True probes the pixels with the linear head alone: got --head={c.head}, "
                           f"--random_encoder={c.random_encoder}")
@@ -315,13 +322,15 @@ def build_probes(c, grid, num_classes, device):
     """{head name: (its P stacked probes, their optimizer)}, probe i for grid[i] = (lr, wd)."""
     decay = torch.tensor([wd for _, wd in grid], device=device)  # one value per probe
     head_decay = decay if c.head_weight_decay < 0 else torch.full_like(decay, c.head_weight_decay)
-    heads = {}
-    for name, Probes in (('attentive', AttentiveProbes), ('linear', LinearProbes)):
-        if c.head in (name, 'both'):
-            dim = 3 * c.img_size ** 2 if c.pixels else c.enc_dim  # the width of a token
-            probes = Probes(len(grid), dim, num_classes, c.seed).to(device)
-            heads[name] = probes, ProbeOptimizer(probes, decay, head_decay, c.probe_optimizer)
-    return heads
+    dim = 3 * c.img_size ** 2 if c.pixels else c.enc_dim  # the width of a token
+    probes = {}
+    if c.head in ('attentive', 'both'):
+        probes['attentive'] = AttentiveProbes(len(grid), dim, num_classes, c.seed).to(device)
+    if c.head in ('linear', 'both'):
+        tokens = 1 if c.pixels else (c.img_size // c.patch_size) ** 2
+        width = tokens * dim if c.linear_pool == 'flatten' else dim
+        probes['linear'] = LinearProbes(len(grid), width, num_classes, c.seed, c.linear_pool).to(device)
+    return {name: (p, ProbeOptimizer(p, decay, head_decay, c.probe_optimizer)) for name, p in probes.items()}
 
 
 def train(c, rt, heads, grid, order, tokens):

@@ -304,6 +304,38 @@ def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path
         probe.load_config(PROBE_TINY + ['--pixels=True', '--head=both'])
 
 
+def test_flatten_linear_probe_is_a_logistic_regression_on_all_tokens(tmp_path):
+    """--linear_pool=flatten: the linear probe trains exactly as a plain loop of BatchNorm (no
+    affine) + one Linear on each image's L x D encoder tokens concatenated, and differs from the mean."""
+    argv = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=2', '--lrs=(1e-3,)', '--wds=(0.05,)', '--augment=False',
+                         '--head=linear']
+    flat = probe.main(argv + ['--linear_pool=flatten', f'--out_dir={tmp_path}'])
+    mean = probe.main(argv + [f'--out_dir={tmp_path}'])
+    c, _ = probe.load_config(argv)
+    torch.manual_seed(c.seed)
+    model = train_mae.build_model(c).eval()
+    train_set, val_set = train_mae.build_datasets(c, num_patches=0)
+    train_set.train = False
+    probes = probe.LinearProbes(1, 16 * 64, 10, c.seed)  # the mean over one token of L * D features is those features
+    opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
+    tokens = lambda ds, idx: (model.forward_features(data.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu'))
+                              .reshape(len(idx), 1, -1), torch.tensor([ds[k].labels for k in idx]))
+    total = 2 * (96 // 32)
+    for step, batch in enumerate(data.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
+        with torch.no_grad():
+            x, y = tokens(train_set, [(0, i) for _, i in batch])
+        F.cross_entropy(probes(x)[0], y).backward()
+        opt.step(torch.tensor([1e-3]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0, 1 / 3))
+        probes.zero_grad()
+    probes.eval()
+    with torch.no_grad():
+        x, y = tokens(val_set, [(0, i) for i in range(40)])
+        top1 = (probes(x)[0].argmax(-1) == y).double().mean().item()
+    assert flat['results'][0]['top1'] == top1 != mean['results'][0]['top1']
+    with pytest.raises(SystemExit, match="--linear_pool='max': must be one of mean, flatten"):
+        probe.load_config(PROBE_TINY + ['--linear_pool=max'])
+
+
 def test_quickstart_probe_config_runs(tmp_path):
     """config/probe_quickstart.py is a valid probe config (on a tiny encoder, for one epoch)."""
     argv = ['config/probe_quickstart.py'] + PROBE_TINY + [f'--out_dir={tmp_path}', '--epochs=1', '--batch_size=32']
