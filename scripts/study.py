@@ -3,7 +3,7 @@ Pretraining Optimizers and Where to Find Them"): every optimizer tuned on its ow
 compared at the end of training at several run lengths, paired by seed; 3 seeds;
 probes against a random encoder.
 
-The built-in study (config/study.py; each optimizer's peak lr tuned):
+The built-in study (config/study.py; each optimizer's peak lr tuned: LrStudy):
 
     python scripts/study.py sweep     # 1. each optimizer's lr sweep at the short length, widened till the best is inside
     python scripts/study.py lengths   # 2. AdamW and Muon at 4x the length (AdamW also at 2x), 3 lrs around each best;
@@ -13,7 +13,7 @@ The built-in study (config/study.py; each optimizer's peak lr tuned):
     python scripts/study.py seeds     # one setting (e.g. the quick start's) over seeds, against a random encoder
     python scripts/study.py report    # tables and plots of what has finished -> results/study/
 
-The tuned study (config/fmnist.py; every optimizer tuned beyond the lr, docs/study.md):
+The tuned study (config/fmnist.py; every optimizer tuned beyond the lr, docs/study.md: TunedStudy):
 
     python scripts/study.py tune --config=config/fmnist.py --length=300 --optimizers=adamw   # (and muon) KNOBS,
                                       #    one at a time, until each best is inside its grid
@@ -29,8 +29,13 @@ again to go on; an interrupted run resumes from its checkpoint in <out>/<run>/. 
 processes may work on one phase at once (a run in progress is locked). To test an
 idea, fork: change the config or the rows below, pass --results and --out, and run
 the same commands.
+
+In the code: Study holds one study's settings and its runs; LrStudy and TunedStudy are the
+two studies, their methods the phases. Statistics return numbers; the fmt_ functions write them.
 """
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +56,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ('adamw', 'muon', 'lamb', 'adafactor')
 LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the first sweep, a factor of 2 apart; widened by 2x at an edge
 SEEDS = (0, 1, 2)
+HEADS = ('attentive', 'linear')  # the probe's heads
+PIXELS = ('--pixels=True', '--head=linear')  # the pixels through the linear probe: a floor of the tuned study
 
 
 class Row(NamedTuple):
@@ -99,103 +106,14 @@ class Run(NamedTuple):
                 f'--seed={self.seed}', *self.flags]
 
 
-# -----------------------------------------------------------------------------
-# running: a run is done when its summary exists
-
-def summary_path(a, run):
-    return os.path.join(a.results, 'runs', run.name + '.json')
+def probe_key(flags=(), random_encoder=False):
+    """The key of a probe's results in its run's summary: its flags, 'random' for a random encoder."""
+    return '_'.join(['random'] * random_encoder + [f.lstrip('-') for f in flags]) or 'default'
 
 
-def load(a, run):
-    path = summary_path(a, run)
-    if not os.path.exists(path):
-        return None
+def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def save(a, run, summary):
-    path = summary_path(a, run)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + '.tmp', path)
-    if a.commit:  # each summary lands as it is made: a machine that goes away loses at most the runs in progress
-        for attempt in range(10):  # the repository may be busy (another commit holds its index lock)
-            git = subprocess.run(['git', 'add', path], cwd=a.results, capture_output=True)
-            git = git.returncode or subprocess.run(['git', 'commit', '-q', '-m', f"study: {run.name}", '--', path],
-                                                    cwd=a.results, capture_output=True).returncode
-            if not git:
-                break
-            time.sleep(5)
-        else:
-            print(f"warning: could not commit {path}", file=sys.stderr)
-
-
-def execute(a, script, args):
-    """Run a script of the repository on one core; returns its wall time in seconds."""
-    cmd = [sys.executable, script, *args]
-    print('$', shlex.join(cmd), flush=True)
-    if a.dry_run:
-        return 0.0
-    t0 = time.time()
-    if subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}).returncode:
-        sys.exit(f"error: failed: {shlex.join(cmd)}")
-    return time.time() - t0
-
-
-def locked(a, run):
-    """Take run's lock (a file holding our pid); False if a live process holds it."""
-    path = os.path.join(a.out, run.name + '.lock')
-    os.makedirs(a.out, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            os.kill(int(open(path).read() or 0), 0)
-            return False  # another study process is on it
-        except (ProcessLookupError, ValueError):
-            os.remove(path)  # its process died: take over
-            return locked(a, run)
-    with os.fdopen(fd, 'w') as f:
-        f.write(str(os.getpid()))
-    return True
-
-
-def unlock(a, run):
-    os.remove(os.path.join(a.out, run.name + '.lock'))
-
-
-def train(a, run):
-    """Train run unless it has a summary; returns the summary (None if another process has it)."""
-    summary = load(a, run)
-    if summary is not None:
-        return summary
-    if a.dry_run:
-        execute(a, 'train_mae.py', run.argv(a.config))
-        return None
-    if not locked(a, run):
-        print(f"in progress elsewhere: {run.name}")
-        return None
-    try:
-        out_dir = os.path.join(a.out, run.name)
-        resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-        spent = spent_before(out_dir) if resume else 0.0
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
-            json.dump(dict(spent=spent, started=time.time()), f)
-        seconds = execute(a, 'train_mae.py', run.argv(a.config) + [f'--out_dir={out_dir}'] +
-                          (['--init_from=resume'] if resume else []) + a.train_args)
-        with open(os.path.join(out_dir, 'log.jsonl')) as f:
-            curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r}
-        if max(curve, default=0) != run.iters:  # stopped by a signal: train_mae.py saved and exited
-            sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
-        summary = dict(run._asdict(), name=run.name, config=os.path.relpath(a.config, ROOT),
-                       curve=curve, final_val=curve[max(curve)], train_s=spent + seconds, probes={})
-        save(a, run, summary)
-        return summary
-    finally:
-        unlock(a, run)
 
 
 def spent_before(out_dir):
@@ -206,40 +124,13 @@ def spent_before(out_dir):
     path, log = os.path.join(out_dir, 'spent_s.json'), os.path.join(out_dir, 'log.jsonl')
     if not os.path.exists(path):
         return 0.0
-    with open(path) as f:
-        record = json.load(f)
+    record = read_json(path)
     if not isinstance(record, dict):
         return float(record)
     return record['spent'] + (max(0.0, os.path.getmtime(log) - record['started']) if os.path.exists(log) else 0.0)
 
 
-def probe(a, run, flags=(), random_encoder=False):
-    """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)
-    with --probe_config + flags, unless done; the best top-1 per head goes into the summary."""
-    key = '_'.join(['random'] * random_encoder + [f.lstrip('-') for f in flags]) or 'default'
-    summary = load(a, run)
-    if summary is None or key in summary['probes'] or not locked(a, run):
-        return
-    try:
-        out_dir = os.path.join(a.out, run.name, 'probe_' + key)
-        seconds = execute(a, 'probe.py', [a.probe_config, f'--ckpt={os.path.join(a.out, run.name, "ckpt.pt")}',
-                                          f'--out_dir={out_dir}', f'--seed={run.seed}',
-                                          f'--random_encoder={random_encoder}', *flags, *a.probe_args])
-        if a.dry_run:
-            return
-        with open(os.path.join(out_dir, 'probe_results.json')) as f:
-            results = json.load(f)
-        best = {head: max(r['top1'] for r in results['results'] if r['head'] == head)
-                for head in {r['head'] for r in results['results']}}
-        summary['probes'][key] = dict(best, warning=results.get('warning', ''), probe_s=seconds)
-        save(a, run, summary)
-    finally:
-        unlock(a, run)
-
-
 # -----------------------------------------------------------------------------
-# the phases
-
 # the bracketing rule, for the lr and every other tuned knob
 
 class Knob(NamedTuple):
@@ -250,16 +141,19 @@ class Knob(NamedTuple):
     grid: object
     floor: float = None
 
+    def scale(self, value):
+        """value in the space the knob's grid is geometric in (its own inverse)."""
+        return 1 - value if self.key == 'beta2' else value
+
 
 def beyond(knob, values, edge):
     """The next value past values' edge (min or max) at the ratio of the two values there,
     or None where the edge is the knob's floor."""
     if edge == min(values) and edge == knob.floor:
         return None
-    to, back = (lambda v: 1 - v, lambda t: 1 - t) if knob.key == 'beta2' else (lambda v: v, lambda t: t)
-    ordered = sorted(values, key=to)  # increasing in the space the grid is geometric in
-    first, second = (ordered[0], ordered[1]) if to(edge) == to(ordered[0]) else (ordered[-1], ordered[-2])
-    return float(f"{back(to(first) ** 2 / to(second)):.6g}")
+    ordered = sorted(values, key=knob.scale)  # increasing in the space the grid is geometric in
+    first, second = (ordered[0], ordered[1]) if knob.scale(edge) == knob.scale(ordered[0]) else (ordered[-1], ordered[-2])
+    return float(f"{knob.scale(knob.scale(first) ** 2 / knob.scale(second)):.6g}")
 
 
 def bracket(knob, finals):
@@ -274,355 +168,17 @@ def bracket(knob, finals):
 LR = Knob('lr', LRS)
 
 
-def summaries(a):
-    """Every finished run's summary, in name order."""
-    folder = os.path.join(a.results, 'runs')
-    done = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            done.append(json.load(f))
-    return done
-
-
-def sweep_runs(a, optimizer, iters):
-    """The finished seed-0 runs of optimizer at length iters without other flags: {lr: summary}."""
-    return {s['lr']: s for s in summaries(a)
-            if (s['optimizer'], s['iters'], s['seed'], tuple(s['flags'])) == (optimizer, iters, 0, ())}
-
-
-def tuned_lr(a, optimizer, iters):
-    """The best lr of the optimizer's sweep at iters steps if it lies inside the sweep, else None
-    (not run yet, or still being widened)."""
-    runs = sweep_runs(a, optimizer, iters)
-    return best_run(runs)[0] if runs and best_run(runs)[2] else None
-
-
-def best_lr(a, optimizer, iters):
-    best = tuned_lr(a, optimizer, iters)
-    if best is None:
-        sys.exit(f"error: the {optimizer} sweep at {iters} steps is unfinished (its best lr is not inside it): "
-                 f"run or finish the sweep phase first")
-    return best
-
-
-def tune(a, optimizer, iters, lrs):
-    """Train optimizer at iters steps (seed 0) at each of lrs, then one more lr 2x
-    beyond the edge while the best lies on it, so the best ends inside."""
-    lrs = sorted(set(lrs) | set(sweep_runs(a, optimizer, iters)))
-    while True:
-        for lr in lrs:
-            train(a, Run(optimizer, lr, iters))
-        done = sweep_runs(a, optimizer, iters)
-        if a.dry_run or set(lrs) - set(done):
-            return  # other processes are still on some
-        best, inside, more = bracket(LR, {lr: done[lr]['final_val'] for lr in lrs})
-        if inside or more is None or not 1e-6 <= more <= 1.0:
-            print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {iters} steps")
-            return
-        lrs = sorted(lrs + [more])
-
-
-def sweep(a):
-    """Each optimizer's peak lr at the short length: the grid LRS, widened until the best is inside."""
-    for optimizer in a.optimizers:
-        tune(a, optimizer, a.length, a.lrs)
-
-
-def lengths(a):
-    """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
-    interpolation), each at half, at and twice its best at the short length,
-    widened until the best is inside; then both at their 4x best for the other seeds,
-    every seed's encoder probed (the tables probe the short length's)."""
-    for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
-        best = best_lr(a, optimizer, a.length)
-        tune(a, optimizer, f * a.length, (best, best / 2, best * 2))
-    best = {optimizer: tuned_lr(a, optimizer, 4 * a.length) for optimizer in ('adamw', 'muon')}
-    for seed in a.seeds:
-        for optimizer, lr in best.items():
-            if lr is not None:  # else its sweep is still being widened by another process
-                run = Run(optimizer, lr, 4 * a.length, seed)
-                train(a, run)
-                probe(a, run)
-
-
-def long(a):
-    """AdamW at 16x the short length, at its 4x best lr, seed 0: whether AdamW reaches Muon's
-    4x loss late or never (the speedup's upper end)."""
-    train(a, Run('adamw', best_lr(a, 'adamw', 4 * a.length), 16 * a.length))
-
-
-def seeds(a):
-    """One setting (--optimizers, --lrs and --length, all single) over the seeds, each
-    probed (probe seed = its seed) against a random encoder of the same seed, and the
-    first seed's encoder under every other probe seed too: whether the probes' spread
-    comes from pretraining or from the probe. Writes seeds.md to --results."""
-    if len(a.optimizers) != 1 or len(a.lrs) != 1:
-        sys.exit("error: the seeds phase runs one setting: give one --optimizers and one --lrs")
-    runs = [Run(a.optimizers[0], a.lrs[0], a.length, seed) for seed in a.seeds]
-    for run in runs:
-        train(a, run)
-        probe(a, run)
-        probe(a, run, random_encoder=True)
-    for seed in a.seeds[1:]:
-        probe(a, runs[0], (f'--seed={seed}',))
-    done = [s for s in (load(a, r) for r in runs) if s and {'default', 'random'} <= set(s['probes'])]
-    if not a.dry_run and done:
-        report_seeds(a, done)
-
-
-def report_seeds(a, done):
-    heads = ('attentive', 'linear')
-    lines = [f"# `{os.path.relpath(a.config, ROOT)}` over {len(done)} seeds", '',
-             f"{done[0]['optimizer']}, lr {done[0]['lr']:g}, {done[0]['iters']} steps; probes "
-             f"`{' '.join((a.probe_config, *a.probe_args))}`, probe seed = pretraining seed. "
-             "Made by `python scripts/study.py seeds`.", '',
-             '| seed | final val loss | attentive | random encoder | margin | linear | random encoder | margin |',
-             '|---|---|---|---|---|---|---|---|']
-    margin = {h: [s['probes']['default'][h] - s['probes']['random'][h] for s in done] for h in heads}
-    for i, s in enumerate(done):
-        cells = [str(s['seed']), f"{s['final_val']:.4f}"]
-        for h in heads:
-            cells += [f"{s['probes']['default'][h]:.3f}", f"{s['probes']['random'][h]:.3f}", f"{margin[h][i]:+.3f}"]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    cells = ['mean ± SD', fmt(mean_sd([s['final_val'] for s in done]), 4)]
-    for h in heads:
-        cells += [fmt(mean_sd([s['probes'][k][h] for s in done]), 3) for k in ('default', 'random')]
-        cells.append(fmt(mean_sd(margin[h]), 3))
-    lines += ['| ' + ' | '.join(cells) + ' |', '']
-    first = done[0]
-    same = {k: v for k, v in first['probes'].items() if k == 'default' or k.startswith('seed=')}
-    if len(same) > 1:
-        lines += [f"Seed {first['seed']}'s encoder under {len(same)} probe seeds (probe weights, data order, "
-                  "and the built-in data set's draw):", '']
-        for h in heads:
-            probe_sd = mean_sd([p[h] for p in same.values()])
-            total_sd = mean_sd([s['probes']['default'][h] for s in done])
-            lines.append(f"- {h}: {', '.join(f'{p[h]:.3f}' for p in same.values())}; SD {probe_sd[1]:.3f} "
-                         f"against {total_sd[1]:.3f} across pretraining seeds (pretraining and probe seed both "
-                         f"changing): the probe seed alone accounts for roughly "
-                         f"{min(1.0, probe_sd[1] ** 2 / total_sd[1] ** 2):.0%} of the variance (a ratio of two "
-                         f"variances from {probe_sd[2]} and {total_sd[2]} values: a rough share).")
-    os.makedirs(a.results, exist_ok=True)
-    with open(os.path.join(a.results, 'seeds.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
-    print('\n'.join(lines))
-
-
-def floor_probes(a):
-    """The probes' floor, {seed: probes} per seed that has it: a random encoder of the Muon
-    row's architecture (fresh weights), probed beside that seed's Muon run at the short length."""
-    lr = tuned_lr(a, 'muon', a.length)
-    runs = [load(a, Run('muon', lr, a.length, s)) for s in a.seeds] if lr else []
-    return {r['seed']: r['probes']['random'] for r in runs if r and 'random' in r['probes']}
-
-
-def table_runs(a, row, seed):
-    return Run(row.optimizer, best_lr(a, row.optimizer, a.length), a.length, seed, row.flags)
-
-
-def tables(a):
-    """Each table's rows at 3 seeds, each probed; a random encoder per seed (the Muon
-    run's architecture, fresh weights) as the probes' floor. Seed 0 of a row
-    without flags is its sweep's best run."""
-    for name in a.tables:
-        for seed in a.seeds:
-            for row in TABLES[name]:
-                run = table_runs(a, row, seed)
-                train(a, run)
-                probe(a, run, row.probe)
-            if name != 'probe_optimizer':
-                probe(a, table_runs(a, TABLES['papers'][0], seed), random_encoder=True)
+def sweep_best(runs):
+    """runs {lr: summary} of a sweep: (best lr, its final val loss, whether it is inside)."""
+    best, inside, _ = bracket(LR, {lr: r['final_val'] for lr, r in runs.items()})
+    return best, runs[best]['final_val'], inside
 
 
 # -----------------------------------------------------------------------------
-# tuning beyond the lr (the real-data study): coordinate-wise, one hyperparameter at a time
-
-KNOBS = {  # in the order they are tuned; what is held fixed: report's HELD
-    'adamw': (Knob('lr', (1e-3, 2e-3, 4e-3, 8e-3)), Knob('beta2', (0.95, 0.99, 0.999)),
-              Knob('weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
-    'muon': (Knob('lr', (4e-3, 8e-3, 1.6e-2, 3.2e-2)),
-             Knob('adamw_lr', lambda best: (best['lr'] / 4, best['lr'] / 2, best['lr'])),
-             Knob('muon_weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
-}
-
-
-def defaults(a, optimizer):
-    """The config's value of every knob of optimizer: the untuned setting."""
-    c = harness.configure([a.config, f'--optimizer={optimizer}'], train_mae.CONFIG)
-    return dict(lr=c['lr'], beta2=c['betas'][1], weight_decay=c['weight_decay'], warmup_epochs=c['warmup_epochs'],
-                adamw_lr=c['adamw_lr'], muon_weight_decay=c['muon_weight_decay'], beta1=c['betas'][0])
-
-
-def setting_run(a, optimizer, setting, iters, seed=0):
-    """The Run of a setting {knob: value}: a flag for each knob off the config's value (an
-    adamw_lr equal to the lr is the tied default), so the untuned setting is the plain run."""
-    base, flags = defaults(a, optimizer), []
-    for knob in KNOBS[optimizer][1:]:
-        value = setting[knob.key]
-        if value == base[knob.key] or knob.key == 'adamw_lr' and value == setting['lr']:
-            continue
-        flags.append(f"--betas=({base['beta1']!r},{value!r})" if knob.key == 'beta2' else f"--{knob.key}={value!r}")
-    return Run(optimizer, setting['lr'], iters, seed, tuple(sorted(flags)))
-
-
-def sweep_knob(a, optimizer, iters, setting, knob, values, wait, make=None):
-    """Train setting with knob at each of values (make(setting, value) -> the setting of a
-    value; by default the knob set to it), widened while the best lies on an edge.
-    Returns (best value, {value: summary}); (None, the finished ones) while runs are missing:
-    in a report (wait=False), or never when waiting (another process's runs are polled)."""
-    values = sorted({float(f"{v:.6g}") for v in values})
-    make = make or (lambda setting, v: {**setting, knob.key: v})
-    while True:
-        runs = {v: setting_run(a, optimizer, make(setting, v), iters) for v in values}
-        done = {v: train(a, run) if wait else load(a, run) for v, run in runs.items()}  # None: another process's
-        if any(s is None for s in done.values()):
-            if not wait or a.dry_run:
-                return None, {v: s for v, s in done.items() if s}
-            time.sleep(30)
-            continue
-        best, inside, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
-        if inside or more is None:
-            return best, done
-        values.append(more)
-
-
-def coordinate_tune(a, optimizer, iters, wait=True, trace=None):
-    """One hyperparameter at a time, each swept holding the others at their current best,
-    bracketed; passes repeat (each knob at its best and its neighbours in the previous
-    pass's grid) until a pass changes nothing. Returns the tuned setting, or None while
-    unfinished. trace: a list that receives (pass, knob, {value: summary}, best)."""
-    base = defaults(a, optimizer)
-    setting = {knob.key: base[knob.key] for knob in KNOBS[optimizer]}
-    grids = {}
-    for n in range(1, 6):
-        changed = False
-        for knob in KNOBS[optimizer]:
-            if n == 1:
-                values = knob.grid(setting) if callable(knob.grid) else knob.grid
-            else:  # the best and its neighbours in the previous pass's values
-                ladder = sorted(grids[knob.key], key=lambda v: 1 - v if knob.key == 'beta2' else v)
-                i = ladder.index(setting[knob.key]) if setting[knob.key] in ladder else None
-                values = ladder[max(0, i - 1):i + 2] if i is not None else [setting[knob.key]]
-            best, done = sweep_knob(a, optimizer, iters, setting, knob, values, wait)
-            if trace is not None:
-                trace.append((n, knob.key, done, best))
-            if best is None:
-                return None
-            grids[knob.key] = sorted(set(grids.get(knob.key, [])) | set(done))
-            tied = knob.key == 'adamw_lr' and setting[knob.key] == 0 and best == setting['lr']  # the same runs
-            changed |= best != setting[knob.key] and not tied
-            setting[knob.key] = best
-        if not changed:
-            return setting
-    return setting
-
-
-def tune_all(a):
-    """Each of --optimizers tuned at the short length (coordinate_tune)."""
-    for optimizer in a.optimizers:
-        setting = coordinate_tune(a, optimizer, a.length)
-        print(f"{optimizer} at {a.length} steps: {setting}")
-
-
-def with_lr(setting, lr):
-    """setting with its peak lr moved to lr; an untied AdamW side moves with it (its ratio kept)."""
-    side = setting.get('adamw_lr')
-    return {**setting, 'lr': lr, **({'adamw_lr': float(f"{side * lr / setting['lr']:.6g}")} if side else {})}
-
-
-def length_settings(a, optimizer, wait=True, trace=None):
-    """{iters: the tuned setting} at the short length and at 4x and 16x it: the short length's
-    tuned setting with its lr re-tuned at each longer length (from half, once and twice the
-    previous length's best, bracketed). Stops at the first length not finished (report)."""
-    setting = coordinate_tune(a, optimizer, a.length, wait, trace)
-    out = {a.length: setting} if setting else {}
-    for iters in (4 * a.length, 16 * a.length):
-        if setting is None:
-            break
-        lr = setting['lr']
-        best, done = sweep_knob(a, optimizer, iters, setting, KNOBS[optimizer][0], (lr / 2, lr, 2 * lr), wait,
-                                make=with_lr)
-        if trace is not None:
-            trace.append((iters, 'lr', done, best))
-        setting = with_lr(setting, best) if best is not None else None
-        if setting:
-            out[iters] = setting
-    return out
-
-
-def checks(a, optimizer, tuned, trace):
-    """At the longest length, one run per knob besides the lr: the knob moved to its
-    runner-up side at the short length (the neighbour with the lower loss there; up from a
-    floor). {knob: Run}."""
-    last = {key: (done, best) for _, key, done, best in trace}  # each knob's final sweep at the short length
-    out = {}
-    for knob in KNOBS[optimizer][1:]:
-        done, best = last[knob.key]
-        ladder = sorted(done, key=lambda v: 1 - v if knob.key == 'beta2' else v)
-        i = ladder.index(best)
-        sides = [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
-        value = min(sides, key=lambda v: done[v]['final_val'])
-        out[knob.key] = setting_run(a, optimizer, {**tuned, knob.key: value}, 16 * a.length)
-    return out
-
-
-def row_run(a, row, seed, settings):
-    """A table row in the tuned study: its optimizer's tuned setting at 4x the short length
-    (settings: {optimizer: setting}), plus the row's flags."""
-    run = setting_run(a, row.optimizer, settings[row.optimizer], 4 * a.length, seed)
-    return run._replace(flags=tuple(sorted(run.flags + row.flags)))
-
-
-def tuned_at(a, iters):
-    """{optimizer: its tuned setting at iters steps} of AdamW and Muon, None where unfinished."""
-    return {o: length_settings(a, o, wait=False).get(iters) for o in ('adamw', 'muon')}
-
-
-def rows(a):
-    """The tuned study's tables (--tables; the blog's rows and its probe experiment) at 4x the
-    short length, each row at its optimizer's tuned setting there, --seeds seeds, probed."""
-    settings = tuned_at(a, 4 * a.length)
-    if None in settings.values():
-        sys.exit(f"error: AdamW's or Muon's setting at {4 * a.length} steps is not tuned yet: run tune and scale first")
-    for seed in a.seeds:
-        for name in a.tables:
-            for row in TABLES[name]:
-                run = row_run(a, row, seed, settings)
-                train(a, run)
-                probe(a, run, row.probe)
-
-
-def scale(a):
-    """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
-    16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
-    (and, beside AdamW's short runs, per seed, a random encoder and the pixels: the floors);
-    then, at 16x, one check of each other tuned knob."""
-    for optimizer in a.optimizers:
-        settings = length_settings(a, optimizer)
-        for iters, setting in settings.items():
-            for seed in a.seeds:
-                run = setting_run(a, optimizer, setting, iters, seed)
-                train(a, run)
-                probe(a, run)
-                if iters == a.length and optimizer == 'adamw':  # the floors, once per seed (beside AdamW's runs)
-                    probe(a, run, random_encoder=True)
-                    probe(a, run, ('--pixels=True', '--head=linear'))
-        if 16 * a.length in settings:
-            trace = []
-            coordinate_tune(a, optimizer, a.length, wait=False, trace=trace)
-            for run in checks(a, optimizer, settings[16 * a.length], trace).values():
-                train(a, run)
-
-
-# -----------------------------------------------------------------------------
-# the report
+# statistics: numbers only
 
 def mean_sd(xs):
     return (float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan, len(xs))
-
-
-def fmt(m, digits):
-    return '–' if m is None else f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if m[2] > 1 else '') + f" ({m[2]})"
 
 
 def pooled_sd(sds):
@@ -646,90 +202,20 @@ def by_seed(runs, get):
     return {r['seed']: v for r in runs for v in [get(r)] if v is not None}
 
 
-def delta(xs, ys, digits):
-    """The mean of xs - ys over the seeds both have ({seed: value} each), marked * where a
-    paired t-test rejects a zero mean at 5% two-sided: |mean| > t(0.975, n-1) * SD / sqrt(n).
-    Runs of one seed share initial weights, data order and masks, so pairing removes what
-    they share; when nothing differs, 1 comparison in 20 is marked by chance."""
+def top1(probes, head):
+    """{seed: best top-1 of head} of probes {seed: a probe's results}, where the head was probed."""
+    return {seed: p[head] for seed, p in probes.items() if head in p}
+
+
+def paired_difference(xs, ys):
+    """The mean of xs - ys over the seeds both have ({seed: value} each), and whether a paired
+    t-test rejects a zero mean at 5% two-sided: |mean| > t(0.975, n-1) * SD / sqrt(n); a mean
+    of None where no seed is shared. Runs of one seed share initial weights, data order and masks, so
+    pairing removes what they share; when nothing differs, 1 comparison in 20 is marked by chance."""
     d = [xs[s] - ys[s] for s in sorted(set(xs) & set(ys))]
     if not d:
-        return '–'
-    marked = len(d) > 1 and abs(np.mean(d)) > T_975[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))
-    return f"{np.mean(d):+.{digits}f}" + (' *' if marked else '')
-
-
-METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: key, digits
-HEADS = ('attentive', 'linear')
-
-
-def report_table(a, name, run_of=None, floor=None):
-    """A table's text and stats: run_of(row, seed) -> its Run (default: the built-in study's
-    table_runs), floor: {seed: random-encoder probes} (default: floor_probes)."""
-    run_of = run_of or (lambda row, seed: table_runs(a, row, seed))
-    rows, lines = TABLES[name], []
-    stats = []
-    for row in rows:
-        runs = [load(a, run_of(row, seed)) for seed in a.seeds]
-        runs = [r for r in runs if r is not None]
-        key = '_'.join(f.lstrip('-') for f in row.probe) or 'default'
-        seeds = dict(val=by_seed(runs, lambda r: r['final_val']),
-                     **{head: by_seed(runs, lambda r: r['probes'].get(key, {}).get(head)) for head in HEADS})
-        probes = [r['probes'][key] for r in runs if key in r['probes']]
-        stats.append(dict(row=row, runs=runs, seeds=seeds, edge=sum(bool(p['warning']) for p in probes),
-                          probe_s=sum(p['probe_s'] for p in probes)))
-    if name != 'probe_optimizer':
-        floor = floor_probes(a) if floor is None else floor
-        stats.append(dict(row=Row('random encoder (floor)', 'muon'), runs=[], edge=0,
-                          probe_s=sum(p['probe_s'] for p in floor.values()),
-                          seeds=dict(val={}, **{head: {s: p[head] for s, p in floor.items()} for head in HEADS})))
-    for s in stats:  # mean ± SD (n) of each metric, None where no seed has it
-        s.update({key: mean_sd(list(s['seeds'][key].values())) if s['seeds'][key] else None for key, _ in METRICS})
-    base = stats[0]
-    lines += ['| row | optimizer, lr | final val loss | Δ | attentive top-1 | Δ | linear top-1 | Δ | blog |',
-              '|' + '---|' * 9]
-    for i, s in enumerate(stats):
-        row = s['row']
-        lr = f"{row.optimizer} {run_of(row, 0).lr:g}" if s['runs'] else '–'
-        cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''), lr]
-        for key, digits in METRICS:
-            cells += [fmt(s[key], digits), 'baseline' if i == 0 else delta(s['seeds'][key], base['seeds'][key], digits)]
-        lines.append('| ' + ' | '.join(cells + [row.blog or '–']) + ' |')
-    n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
-    train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
-    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
-    lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row, "
-              f"the mean of the differences seed by seed; * where a paired t-test rejects no difference at 5% "
-              f"two-sided (|Δ| > t·SD/√n of the seed differences, t = {T_975.get(n - 1, math.nan)} at {n} seeds), so "
-              f"about 1 comparison in 20 is marked when nothing differs. With {n} seeds and this table's pooled seed "
-              f"SD, the smallest difference of two rows it marks (t·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
-              f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
-              f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
-              f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
-              f"{sum(train_s.values()) / 60:.0f} min training, {sum(s['probe_s'] for s in stats) / 60:.0f} min probing, "
-              "one core per run (a run shared with another table counted in each)."]
-    floor = stats[-1] if name != 'probe_optimizer' else None
-    below = [f"{s['row'].name} ({head})" for s in stats[:-1] for head in ('attentive', 'linear')
-             if floor and s[head] and floor[head] and s[head][0] <= floor[head][0]]
-    if below:
-        lines.append(f"Not above the random encoder's mean, so no evidence of a learnt representation: "
-                     f"{', '.join(below)}.")
-    rows = [s for s in stats[1:] if s['runs']]  # the pairs the Δ column leaves out: rows other than the baseline
-    pairs = [f"{t['row'].name} - {s['row'].name}: {key} {delta(t['seeds'][key], s['seeds'][key], digits)}"
-             for key, digits in METRICS
-             for i, s in enumerate(rows) for t in rows[i + 1:]
-             if delta(t['seeds'][key], s['seeds'][key], digits).endswith('*')]
-    tried = len(METRICS) * len(rows) * (len(rows) - 1) // 2
-    if tried:
-        lines.append(f"Pairs of the other rows marked by the same paired test, of {tried} comparisons ({tried // 3} "
-                     f"each in val loss, attentive and linear top-1; about {tried / 20:.1f} marked by chance when "
-                     f"nothing differs): {'; '.join(pairs) if pairs else 'none'}.")
-    return '\n'.join(lines), stats
-
-
-def best_run(runs):
-    """runs {lr: summary} of a sweep: (best lr, its final val loss, whether it is inside)."""
-    best, inside, _ = bracket(LR, {lr: r['final_val'] for lr, r in runs.items()})
-    return best, runs[best]['final_val'], inside
+        return None, False
+    return np.mean(d), len(d) > 1 and abs(np.mean(d)) > T_975[len(d) - 1] * np.std(d, ddof=1) / math.sqrt(len(d))
 
 
 INTERPOLATIONS = {  # (x of a length, y of a loss) in which a curve is a straight line between two lengths
@@ -755,139 +241,584 @@ def steps_to_reach(points, target, rule='log-linear'):
     return None
 
 
-def lengths_section(a, sweeps):
-    """AdamW against Muon at each length, each at its best lr, and Muon's speedup."""
-    L = a.length
-    lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr', '',
-             '| steps | AdamW: best lr, final val (seed 0) | Muon: best lr, final val (seed 0) '
-             '| AdamW at its best lr, seeds | Muon at its best lr, seeds | Muon - AdamW |', '|---|---|---|---|---|---|']
-    mean, tuned = {}, set()  # (optimizer, iters) -> mean_sd of the final val over the seeds at the best lr
-    finals = {}  # (optimizer, iters) -> {seed: final val}
-    probed = {}  # (optimizer, iters) -> {head: mean_sd of the best top-1 over the probed seeds}
-    for iters in (L, 2 * L, 4 * L):
-        cells = []
-        for optimizer in ('adamw', 'muon'):
-            if (optimizer, iters) in sweeps:
-                lr, v, inside = best_run(sweeps[optimizer, iters])
-                tuned |= {(optimizer, iters)} if inside else set()
-                cells.append(f"{lr:g}, {v:.4f}" + ('' if inside else ' (best on the edge)'))
-                runs = [r for r in (load(a, Run(optimizer, lr, iters, s)) for s in a.seeds) if r]
-                finals[optimizer, iters] = by_seed(runs, lambda r: r['final_val'])
-                mean[optimizer, iters] = mean_sd(list(finals[optimizer, iters].values()))
-                probes = [r['probes']['default'] for r in runs if 'default' in r['probes']]
-                if probes:
-                    probed[optimizer, iters] = {h: mean_sd([p[h] for p in probes]) for h in ('attentive', 'linear')}
+# -----------------------------------------------------------------------------
+# text: the statistics written out
+
+def fmt(m, digits):
+    """A mean_sd: mean ± SD (n); '–' for None."""
+    return '–' if m is None else f"{m[0]:.{digits}f}" + (f" ± {m[1]:.{digits}f}" if m[2] > 1 else '') + f" ({m[2]})"
+
+
+def fmt_mean(values, digits):
+    """mean ± SD (n) of values; '–' if there are none."""
+    return fmt(mean_sd(list(values)), digits) if values else '–'
+
+
+def fmt_delta(xs, ys, digits):
+    """The paired difference of xs and ys ({seed: value} each), marked * where the test rejects no difference."""
+    mean, marked = paired_difference(xs, ys)
+    return '–' if mean is None else f"{mean:+.{digits}f}" + (' *' if marked else '')
+
+
+def fmt_sweep(runs, best):
+    """A sweep's values and final val losses, runs {value: summary}, the best in bold."""
+    return ', '.join(f"**{v:g}: {runs[v]['final_val']:.4f}**" if v == best else f"{v:g}: {runs[v]['final_val']:.4f}"
+                     for v in sorted(runs))
+
+
+def fmt_speedup(steps, short, lengths, why=False):
+    """steps_to_reach's answer over the short length; None and 0 as bounds of the AdamW lengths."""
+    if steps is None:
+        return f"more than {max(lengths) / short:g}x" + (' (no AdamW length reaches it)' if why else '')
+    if steps == 0:
+        return f"at most {min(lengths) / short:g}x" + (' (every AdamW length reaches it)' if why else '')
+    return f"{steps / short:.2f}x"
+
+
+def fmt_machine_time(done):
+    return (f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
+            f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.")
+
+
+def markdown_table(header, rows):
+    """A markdown table's lines; header and each row a list of cells."""
+    return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+
+
+def probe_table(probed, lengths):
+    """AdamW's and Muon's best top-1 per head at each length; probed {(optimizer, length): {seed: probes}}."""
+    return markdown_table(['steps', 'attentive: AdamW', 'attentive: Muon', 'linear: AdamW', 'linear: Muon'],
+                          [[str(n)] + [fmt_mean(top1(probed.get((o, n), {}), h).values(), 3)
+                                       for h in HEADS for o in ('adamw', 'muon')] for n in lengths])
+
+
+METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: key, digits
+
+
+def fmt_table(stats, floor):
+    """A table's text from its stats (Study.table_stats); floor: whether the last row is the random encoder."""
+    base, rows = stats[0], []
+    for i, s in enumerate(stats):
+        row = s['row']
+        cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''),
+                 f"{row.optimizer} {s['lr']:g}" if s['runs'] else '–']
+        for key, digits in METRICS:
+            cells += [fmt(s[key], digits), 'baseline' if i == 0 else fmt_delta(s['seeds'][key], base['seeds'][key], digits)]
+        rows.append(cells + [row.blog or '–'])
+    lines = markdown_table(['row', 'optimizer, lr', 'final val loss', 'Δ', 'attentive top-1', 'Δ', 'linear top-1', 'Δ',
+                            'blog'], rows)
+    n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
+    train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
+    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
+    lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row, "
+              f"the mean of the differences seed by seed; * where a paired t-test rejects no difference at 5% "
+              f"two-sided (|Δ| > t·SD/√n of the seed differences, t = {T_975.get(n - 1, math.nan)} at {n} seeds), so "
+              f"about 1 comparison in 20 is marked when nothing differs. With {n} seeds and this table's pooled seed "
+              f"SD, the smallest difference of two rows it marks (t·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
+              f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
+              f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
+              f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
+              f"{sum(train_s.values()) / 60:.0f} min training, {sum(s['probe_s'] for s in stats) / 60:.0f} min probing, "
+              "one core per run (a run shared with another table counted in each)."]
+    below = [f"{s['row'].name} ({head})" for s in stats[:-1] for head in HEADS
+             if floor and s[head] and stats[-1][head] and s[head][0] <= stats[-1][head][0]]
+    if below:
+        lines.append(f"Not above the random encoder's mean, so no evidence of a learnt representation: "
+                     f"{', '.join(below)}.")
+    others = [s for s in stats[1:] if s['runs']]  # the pairs the Δ column leaves out: rows other than the baseline
+    pairs = [f"{t['row'].name} - {s['row'].name}: {key} {fmt_delta(t['seeds'][key], s['seeds'][key], digits)}"
+             for key, digits in METRICS for i, s in enumerate(others) for t in others[i + 1:]
+             if paired_difference(t['seeds'][key], s['seeds'][key])[1]]
+    tried = len(METRICS) * len(others) * (len(others) - 1) // 2
+    if tried:
+        lines.append(f"Pairs of the other rows marked by the same paired test, of {tried} comparisons ({tried // 3} "
+                     f"each in val loss, attentive and linear top-1; about {tried / 20:.1f} marked by chance when "
+                     f"nothing differs): {'; '.join(pairs) if pairs else 'none'}.")
+    return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# a study: its runs (a run is done when its summary exists)
+
+@dataclasses.dataclass
+class Study:
+    config: str  # train_mae.py's config file
+    results: str  # summaries, tables, plots
+    out: str  # checkpoints and logs of the runs
+    length: int  # the short run length in optimizer steps
+    lrs: tuple  # the first sweep grid
+    optimizers: tuple
+    tables: tuple  # names in TABLES
+    seeds: range
+    probe_config: str  # probe.py's config file (the probe budget)
+    probe_args: tuple = ()  # extra probe.py flags
+    train_args: tuple = ()  # extra train_mae.py flags
+    dry_run: bool = False  # print the commands, run nothing
+    commit: bool = False  # git-commit each summary as it is written
+
+    @property
+    def config_name(self):
+        return os.path.relpath(self.config, ROOT)
+
+    @property
+    def probe_command(self):
+        return ' '.join((self.probe_config, *self.probe_args))
+
+    def summary_path(self, run):
+        return os.path.join(self.results, 'runs', run.name + '.json')
+
+    def summary(self, run):
+        """run's summary, None if it has not finished."""
+        path = self.summary_path(run)
+        return read_json(path) if os.path.exists(path) else None
+
+    def summaries(self):
+        """Every finished run's summary, in name order."""
+        folder = os.path.join(self.results, 'runs')
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return [read_json(os.path.join(folder, name)) for name in names]
+
+    def seed_summaries(self, run):
+        """The summaries of run at each of the seeds, where it has finished."""
+        return [s for s in (self.summary(run._replace(seed=seed)) for seed in self.seeds) if s]
+
+    def save(self, run, summary):
+        path = self.summary_path(run)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(summary, f, indent=1)
+        os.replace(path + '.tmp', path)
+        if self.commit:  # each summary lands as it is made: a machine that goes away loses at most the runs in progress
+            for attempt in range(10):  # the repository may be busy (another commit holds its index lock)
+                git = subprocess.run(['git', 'add', path], cwd=self.results, capture_output=True)
+                git = git.returncode or subprocess.run(['git', 'commit', '-q', '-m', f"study: {run.name}", '--', path],
+                                                        cwd=self.results, capture_output=True).returncode
+                if not git:
+                    break
+                time.sleep(5)
             else:
-                cells.append('–')
-        cells += [fmt(mean.get((o, iters)), 4) for o in ('adamw', 'muon')]
-        both = ('muon', iters) in mean and ('adamw', iters) in mean
-        cells.append(delta(finals['muon', iters], finals['adamw', iters], 4) if both else '–')
-        lines.append(f"| {iters} | {' | '.join(cells)} |")
-    lines += ['', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr; "
-              "Δ is the mean of the seed-by-seed differences, marked * where a paired t-test rejects no difference "
-              "at 5% two-sided."]
-    lines += probes_by_length(a, probed)
-    adamw = [(n, mean[o, n][0]) for o, n in sorted(tuned) if o == 'adamw']
-    if ('muon', L) not in mean or not adamw:
+                print(f"warning: could not commit {path}", file=sys.stderr)
+
+    def execute(self, script, args):
+        """Run a script of the repository on one core; returns its wall time in seconds."""
+        cmd = [sys.executable, script, *args]
+        print('$', shlex.join(cmd), flush=True)
+        if self.dry_run:
+            return 0.0
+        t0 = time.time()
+        if subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}).returncode:
+            sys.exit(f"error: failed: {shlex.join(cmd)}")
+        return time.time() - t0
+
+    @contextlib.contextmanager
+    def lock(self, run):
+        """Hold run's lock (a file holding our pid) for the block; yields False, holding
+        nothing, if a live process holds it."""
+        path = os.path.join(self.out, run.name + '.lock')
+        os.makedirs(self.out, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                try:
+                    os.kill(int(open(path).read() or 0), 0)
+                except (ProcessLookupError, ValueError):
+                    os.remove(path)  # its process died: take over
+                    continue
+            yield False  # another study process is on it
+            return
+        with os.fdopen(fd, 'w') as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            os.remove(path)
+
+    def train(self, run):
+        """Train run unless it has a summary; returns the summary (None if another process has it)."""
+        summary = self.summary(run)
+        if summary is not None:
+            return summary
+        if self.dry_run:
+            self.execute('train_mae.py', run.argv(self.config))
+            return None
+        with self.lock(run) as mine:
+            if not mine:
+                print(f"in progress elsewhere: {run.name}")
+                return None
+            out_dir = os.path.join(self.out, run.name)
+            resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+            spent = spent_before(out_dir) if resume else 0.0
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
+                json.dump(dict(spent=spent, started=time.time()), f)
+            seconds = self.execute('train_mae.py', run.argv(self.config) + [f'--out_dir={out_dir}'] +
+                                   (['--init_from=resume'] if resume else []) + self.train_args)
+            with open(os.path.join(out_dir, 'log.jsonl')) as f:
+                curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r}
+            if max(curve, default=0) != run.iters:  # stopped by a signal: train_mae.py saved and exited
+                sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
+            summary = dict(run._asdict(), name=run.name, config=self.config_name, curve=curve,
+                           final_val=curve[max(curve)], train_s=spent + seconds, probes={})
+            self.save(run, summary)
+            return summary
+
+    def probe(self, run, flags=(), random_encoder=False):
+        """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)
+        with --probe_config + flags, unless done; the best top-1 per head goes into the summary."""
+        key = probe_key(flags, random_encoder)
+        summary = self.summary(run)
+        if summary is None or key in summary['probes']:
+            return
+        with self.lock(run) as mine:
+            if not mine:
+                return
+            out_dir = os.path.join(self.out, run.name, 'probe_' + key)
+            seconds = self.execute('probe.py', [self.probe_config, f'--ckpt={os.path.join(self.out, run.name, "ckpt.pt")}',
+                                                f'--out_dir={out_dir}', f'--seed={run.seed}',
+                                                f'--random_encoder={random_encoder}', *flags, *self.probe_args])
+            if self.dry_run:
+                return
+            results = read_json(os.path.join(out_dir, 'probe_results.json'))
+            best = {head: max(r['top1'] for r in results['results'] if r['head'] == head)
+                    for head in {r['head'] for r in results['results']}}
+            summary['probes'][key] = dict(best, warning=results.get('warning', ''), probe_s=seconds)
+            self.save(run, summary)
+
+    def write(self, name, lines):
+        """A report's lines, to <results>/name and the terminal."""
+        os.makedirs(self.results, exist_ok=True)
+        with open(os.path.join(self.results, name), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+        print('\n'.join(lines))
+
+    def table_stats(self, name, run_of, floor):
+        """A table's rows, each {row, lr, runs, seeds: {metric: {seed: value}}, metric: mean_sd
+        (None where no seed has it), edge: probes best on their grid's edge, probe_s}: run_of(row)
+        -> the row's Run at seed 0; floor {seed: random-encoder probes}, a last row (not in the
+        probe table)."""
+        stats = []
+        for row in TABLES[name]:
+            run, key = run_of(row), probe_key(row.probe)
+            runs = self.seed_summaries(run)
+            probes = by_seed(runs, lambda r: r['probes'].get(key))
+            stats.append(dict(row=row, lr=run.lr, runs=runs, edge=sum(bool(p['warning']) for p in probes.values()),
+                              probe_s=sum(p['probe_s'] for p in probes.values()),
+                              seeds=dict(val=by_seed(runs, lambda r: r['final_val']), **{h: top1(probes, h) for h in HEADS})))
+        if name != 'probe_optimizer':
+            stats.append(dict(row=Row('random encoder (floor)', 'muon'), lr=None, runs=[], edge=0,
+                              probe_s=sum(p['probe_s'] for p in floor.values()),
+                              seeds=dict(val={}, **{h: top1(floor, h) for h in HEADS})))
+        for s in stats:
+            s.update({key: mean_sd(list(s['seeds'][key].values())) if s['seeds'][key] else None for key, _ in METRICS})
+        return stats
+
+
+# -----------------------------------------------------------------------------
+# the built-in study: each optimizer's peak lr tuned
+
+class LrStudy(Study):
+    def sweep_summaries(self, optimizer, iters):
+        """The finished seed-0 runs of optimizer at length iters without other flags: {lr: summary}."""
+        return {s['lr']: s for s in self.summaries()
+                if (s['optimizer'], s['iters'], s['seed'], tuple(s['flags'])) == (optimizer, iters, 0, ())}
+
+    def tuned_lr(self, optimizer, iters):
+        """The best lr of the optimizer's sweep at iters steps if it lies inside the sweep, else None
+        (not run yet, or still being widened)."""
+        runs = self.sweep_summaries(optimizer, iters)
+        return sweep_best(runs)[0] if runs and sweep_best(runs)[2] else None
+
+    def best_lr(self, optimizer, iters):
+        """tuned_lr, or an exit where it is unfinished."""
+        best = self.tuned_lr(optimizer, iters)
+        if best is None:
+            sys.exit(f"error: the {optimizer} sweep at {iters} steps is unfinished (its best lr is not inside it): "
+                     f"run or finish the sweep phase first")
+        return best
+
+    def sweep_lr(self, optimizer, iters, lrs):
+        """Train optimizer at iters steps (seed 0) at each of lrs, then one more lr 2x
+        beyond the edge while the best lies on it, so the best ends inside."""
+        lrs = sorted(set(lrs) | set(self.sweep_summaries(optimizer, iters)))
+        while True:
+            for lr in lrs:
+                self.train(Run(optimizer, lr, iters))
+            done = self.sweep_summaries(optimizer, iters)
+            if self.dry_run or set(lrs) - set(done):
+                return  # other processes are still on some
+            best, inside, more = bracket(LR, {lr: done[lr]['final_val'] for lr in lrs})
+            if inside or more is None or not 1e-6 <= more <= 1.0:
+                print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {iters} steps")
+                return
+            lrs = sorted(lrs + [more])
+
+    def table_run(self, row, seed=0):
+        return Run(row.optimizer, self.best_lr(row.optimizer, self.length), self.length, seed, row.flags)
+
+    def floor_probes(self):
+        """The probes' floor, {seed: probes} per seed that has it: a random encoder of the Muon
+        row's architecture (fresh weights), probed beside that seed's Muon run at the short length."""
+        lr = self.tuned_lr('muon', self.length)
+        return by_seed(self.seed_summaries(Run('muon', lr, self.length)), lambda r: r['probes'].get('random')) if lr else {}
+
+    def unready_tables(self):
+        """{table: the optimizers without a tuned lr at the short length} for the tables that cannot run yet."""
+        missing = {name: sorted({r.optimizer for r in TABLES[name] if self.tuned_lr(r.optimizer, self.length) is None})
+                   for name in self.tables}
+        return {name: m for name, m in missing.items() if m}
+
+    # the phases
+
+    def sweep(self):
+        """Each optimizer's peak lr at the short length: the grid LRS, widened until the best is inside."""
+        for optimizer in self.optimizers:
+            self.sweep_lr(optimizer, self.length, self.lrs)
+
+    def lengths(self):
+        """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
+        interpolation), each at half, at and twice its best at the short length,
+        widened until the best is inside; then both at their 4x best for the other seeds,
+        every seed's encoder probed (the tables probe the short length's)."""
+        for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
+            best = self.best_lr(optimizer, self.length)
+            self.sweep_lr(optimizer, f * self.length, (best, best / 2, best * 2))
+        best = {optimizer: self.tuned_lr(optimizer, 4 * self.length) for optimizer in ('adamw', 'muon')}
+        for seed in self.seeds:
+            for optimizer, lr in best.items():
+                if lr is not None:  # else its sweep is still being widened by another process
+                    run = Run(optimizer, lr, 4 * self.length, seed)
+                    self.train(run)
+                    self.probe(run)
+
+    def long(self):
+        """AdamW at 16x the short length, at its 4x best lr, seed 0: whether AdamW reaches Muon's
+        4x loss late or never (the speedup's upper end)."""
+        self.train(Run('adamw', self.best_lr('adamw', 4 * self.length), 16 * self.length))
+
+    def train_tables(self):
+        """Each table's rows at 3 seeds, each probed; a random encoder per seed (the Muon
+        run's architecture, fresh weights) as the probes' floor. Seed 0 of a row
+        without flags is its sweep's best run."""
+        for name in self.tables:
+            for seed in self.seeds:
+                for row in TABLES[name]:
+                    run = self.table_run(row, seed)
+                    self.train(run)
+                    self.probe(run, row.probe)
+                if name != 'probe_optimizer':
+                    self.probe(self.table_run(TABLES['papers'][0], seed), random_encoder=True)
+
+    def train_seeds(self):
+        """One setting (--optimizers, --lrs and --length, all single) over the seeds, each
+        probed (probe seed = its seed) against a random encoder of the same seed, and the
+        first seed's encoder under every other probe seed too: whether the probes' spread
+        comes from pretraining or from the probe. Writes seeds.md to --results."""
+        if len(self.optimizers) != 1 or len(self.lrs) != 1:
+            sys.exit("error: the seeds phase runs one setting: give one --optimizers and one --lrs")
+        runs = [Run(self.optimizers[0], self.lrs[0], self.length, seed) for seed in self.seeds]
+        for run in runs:
+            self.train(run)
+            self.probe(run)
+            self.probe(run, random_encoder=True)
+        for seed in self.seeds[1:]:
+            self.probe(runs[0], (f'--seed={seed}',))
+        done = [s for s in map(self.summary, runs) if s and {'default', 'random'} <= set(s['probes'])]
+        if not self.dry_run and done:
+            self.write('seeds.md', self.seeds_report(done))
+
+    def seeds_report(self, done):
+        """seeds.md's lines: each seed's final val loss and probes against its random encoder,
+        then the first seed's encoder under every probe seed."""
+        margin = {h: [s['probes']['default'][h] - s['probes']['random'][h] for s in done] for h in HEADS}
+        rows, mean = [], ['mean ± SD', fmt_mean([s['final_val'] for s in done], 4)]
+        for i, s in enumerate(done):
+            rows.append([str(s['seed']), f"{s['final_val']:.4f}"])
+            for h in HEADS:
+                rows[-1] += [f"{s['probes']['default'][h]:.3f}", f"{s['probes']['random'][h]:.3f}", f"{margin[h][i]:+.3f}"]
+        for h in HEADS:
+            mean += [fmt_mean([s['probes'][k][h] for s in done], 3) for k in ('default', 'random')]
+            mean.append(fmt_mean(margin[h], 3))
+        lines = [f"# `{self.config_name}` over {len(done)} seeds", '',
+                 f"{done[0]['optimizer']}, lr {done[0]['lr']:g}, {done[0]['iters']} steps; probes "
+                 f"`{self.probe_command}`, probe seed = pretraining seed. Made by `python scripts/study.py seeds`.", '',
+                 *markdown_table(['seed', 'final val loss', 'attentive', 'random encoder', 'margin', 'linear',
+                                  'random encoder', 'margin'], rows + [mean]), '']
+        first = done[0]
+        same = {k: v for k, v in first['probes'].items() if k == 'default' or k.startswith('seed=')}
+        if len(same) > 1:
+            lines += [f"Seed {first['seed']}'s encoder under {len(same)} probe seeds (probe weights, data order, "
+                      "and the built-in data set's draw):", '']
+            for h in HEADS:
+                probe_sd = mean_sd([p[h] for p in same.values()])
+                total_sd = mean_sd([s['probes']['default'][h] for s in done])
+                lines.append(f"- {h}: {', '.join(f'{p[h]:.3f}' for p in same.values())}; SD {probe_sd[1]:.3f} "
+                             f"against {total_sd[1]:.3f} across pretraining seeds (pretraining and probe seed both "
+                             f"changing): the probe seed alone accounts for roughly "
+                             f"{min(1.0, probe_sd[1] ** 2 / total_sd[1] ** 2):.0%} of the variance (a ratio of two "
+                             f"variances from {probe_sd[2]} and {total_sd[2]} values: a rough share).")
         return lines
-    sd = pooled_sd([m[1] for m in mean.values()])  # one run's seed noise, pooled over the rows above
-    n_target, n_adamw = mean['muon', L][2], min(mean[o, n][2] for o, n in tuned if o == 'adamw')
-    target, noise = mean['muon', L][0], 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
-    lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
-              f"mean final val loss at {L} steps ({target:.4f}, {n_target} seeds), over {L}; interpolated linearly in "
-              f"log(steps) between the seed means of AdamW's lengths whose sweep has its best inside "
-              f"({', '.join(str(n) for n, _ in adamw)}; seeds each: at least {n_adamw}). "
-              f"Its range moves the target by ±2·SD·sqrt(1/{n_target} + 1/{n_adamw}) = ±{noise:.4f}, SD = {sd:.4f} "
-              f"the seed SD of one run's final val loss pooled over the rows above that have seeds."]
 
-    def speedup(t):
-        e = steps_to_reach(adamw, t)
-        return (f"more than {max(n for n, _ in adamw) / L:g}x (no AdamW length reaches it)" if e is None else
-                f"at most {min(n for n, _ in adamw) / L:g}x (every AdamW length reaches it)" if e == 0 else
-                f"{e / L:.2f}x")
-    lines.append(f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
-                 f" (from {speedup(target + noise)} with the target up by the noise to {speedup(target - noise)} "
-                 f"with it down)") + '.')
-    longest = max(n for n, _ in adamw)
-    for iters in (2 * L, 4 * L):
-        if ('muon', iters) in mean and steps_to_reach(adamw, mean['muon', iters][0]) is None:
-            lines.append(f"Muon's mean final val loss at {iters} steps ({mean['muon', iters][0]:.4f}): no AdamW run "
-                         f"length reaches it (the longest, {longest} steps, ends at {dict(adamw)[longest]:.4f}).")
-    lines += long_run(a, {n: mean['muon', n][0] for n in (L, 4 * L) if ('muon', n) in mean})
-    return lines
+    # the report
+
+    def report(self):
+        lines = ['# The small-scale study', '', f"Config `{self.config_name}`, short length {self.length} "
+                 f"steps; probes `{self.probe_command}`. Made by `python scripts/study.py report`. "
+                 "Wall times: one core per run, as measured, on whatever else the machine was doing.", '',
+                 fmt_machine_time(self.summaries()), '', '## 1. Peak-lr sweeps (seed 0, final val loss)', '']
+        sweeps = {}
+        for iters in (self.length, 2 * self.length, 4 * self.length):
+            for optimizer in OPTIMIZERS:
+                runs = self.sweep_summaries(optimizer, iters)
+                if runs:
+                    sweeps[optimizer, iters] = runs
+                    best, _, inside = sweep_best(runs)
+                    lines.append(f"- {optimizer}, {iters} steps: {fmt_sweep(runs, best)} "
+                                 f"(best {'inside' if inside else 'ON THE EDGE'}; "
+                                 f"{sum(r['train_s'] for r in runs.values()) / 60:.0f} min)")
+        lines.append('')
+        unready = self.unready_tables()
+        tables = {name: self.table_stats(name, self.table_run, self.floor_probes())
+                  for name in self.tables if name not in unready}
+        lines += self.lengths_section(self.length_stats(sweeps)) + ['']
+        for name, stats in tables.items():
+            lines += [f"## {name}", '', fmt_table(stats, name != 'probe_optimizer'), '']
+        lines += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"
+                  for name, missing in unready.items()]
+        self.write('study.md', lines)
+        self.plots(sweeps, tables)
+
+    def length_stats(self, sweeps):
+        """AdamW and Muon at each length whose sweep has run, at the sweep's best lr:
+        {(optimizer, length): dict(lr, final: seed 0's, inside, finals: {seed: final val loss}, mean: of the finals,
+        probes: {seed: probes})}."""
+        stats = {}
+        for iters in (self.length, 2 * self.length, 4 * self.length):
+            for optimizer in ('adamw', 'muon'):
+                if (optimizer, iters) in sweeps:
+                    lr, final, inside = sweep_best(sweeps[optimizer, iters])
+                    runs = self.seed_summaries(Run(optimizer, lr, iters))
+                    finals = by_seed(runs, lambda r: r['final_val'])
+                    stats[optimizer, iters] = dict(lr=lr, final=final, inside=inside, finals=finals,
+                                                   mean=mean_sd(list(finals.values())),
+                                                   probes=by_seed(runs, lambda r: r['probes'].get('default')))
+        return stats
+
+    def lengths_section(self, stats):
+        """Section 2: AdamW against Muon at each length, each at its best lr; their probes; Muon's speedup."""
+        L, rows = self.length, []
+        for iters in (L, 2 * L, 4 * L):
+            adamw, muon = (stats.get((o, iters)) for o in ('adamw', 'muon'))
+            cells = [f"{s['lr']:g}, {s['final']:.4f}" + ('' if s['inside'] else ' (best on the edge)') if s else '–'
+                     for s in (adamw, muon)]
+            cells += [fmt(s['mean'], 4) if s else '–' for s in (adamw, muon)]
+            rows.append([str(iters)] + cells + [fmt_delta(muon['finals'], adamw['finals'], 4) if adamw and muon else '–'])
+        lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr', '',
+                 *markdown_table(['steps', 'AdamW: best lr, final val (seed 0)', 'Muon: best lr, final val (seed 0)',
+                                  'AdamW at its best lr, seeds', 'Muon at its best lr, seeds', 'Muon - AdamW'], rows),
+                 '', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr; "
+                 "Δ is the mean of the seed-by-seed differences, marked * where a paired t-test rejects no difference "
+                 "at 5% two-sided."]
+        probed = {k: s['probes'] for k, s in stats.items() if s['probes']}
+        if probed:
+            floor = self.floor_probes()
+            lines += ['', *probe_table(probed, sorted({n for _, n in probed})),
+                      '', f"Best probe top-1 (`{self.probe_command}`), mean ± sample SD (n), of the runs above" +
+                      (f"; a random encoder: attentive {fmt_mean(top1(floor, 'attentive').values(), 3)}, "
+                       f"linear {fmt_mean(top1(floor, 'linear').values(), 3)}" if floor else '') + '.']
+        mean = {k: s['mean'] for k, s in stats.items()}
+        adamw = [(n, mean[o, n][0]) for o, n in sorted(k for k, s in stats.items() if s['inside']) if o == 'adamw']
+        if ('muon', L) not in mean or not adamw:
+            return lines
+        sd = pooled_sd([m[1] for m in mean.values()])  # one run's seed noise, pooled over the rows above
+        n_target = mean['muon', L][2]
+        n_adamw = min(mean[o, n][2] for o, n in stats if o == 'adamw' and stats[o, n]['inside'])
+        target, noise = mean['muon', L][0], 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
+        lengths = [n for n, _ in adamw]
+
+        def speedup(t):
+            return fmt_speedup(steps_to_reach(adamw, t), L, lengths, why=True)
+        lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
+                  f"mean final val loss at {L} steps ({target:.4f}, {n_target} seeds), over {L}; interpolated linearly in "
+                  f"log(steps) between the seed means of AdamW's lengths whose sweep has its best inside "
+                  f"({', '.join(map(str, lengths))}; seeds each: at least {n_adamw}). "
+                  f"Its range moves the target by ±2·SD·sqrt(1/{n_target} + 1/{n_adamw}) = ±{noise:.4f}, SD = {sd:.4f} "
+                  f"the seed SD of one run's final val loss pooled over the rows above that have seeds.",
+                  f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
+                  f" (from {speedup(target + noise)} with the target up by the noise to {speedup(target - noise)} "
+                  f"with it down)") + '.']
+        for iters in (2 * L, 4 * L):
+            if ('muon', iters) in mean and steps_to_reach(adamw, mean['muon', iters][0]) is None:
+                lines.append(f"Muon's mean final val loss at {iters} steps ({mean['muon', iters][0]:.4f}): no AdamW run "
+                             f"length reaches it (the longest, {max(lengths)} steps, ends at {dict(adamw)[max(lengths)]:.4f}).")
+        return lines + self.long_section({n: mean['muon', n][0] for n in (L, 4 * L) if ('muon', n) in mean})
+
+    def long_section(self, targets):
+        """The `long` phase's AdamW run (16x, at the 4x best lr, seed 0) against Muon's seed means
+        targets {length: loss}: where along its val curve it first reaches each."""
+        lr = self.tuned_lr('adamw', 4 * self.length)
+        run = self.summary(Run('adamw', lr, 16 * self.length)) if lr else None
+        if run is None:
+            return []
+        curve = sorted((int(k), v) for k, v in run['curve'].items())
+        reached = [f"Muon's {n}-step mean ({t:.4f}) " + next((f"first at step {k}" for k, v in curve if v <= t),
+                                                             "never") for n, t in sorted(targets.items())]
+        return ['', f"**AdamW at {16 * self.length} steps** (lr {lr:g}, the {4 * self.length}-step best; seed 0; "
+                f"{run['train_s'] / 3600:.1f} core-hours): final val loss {run['final_val']:.4f}; along its val curve "
+                f"(every {curve[1][0] - curve[0][0]} steps) it reaches " + '; '.join(reached) + '.']
+
+    def plots(self, sweeps, tables):
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            print(f"plots skipped: matplotlib is not importable ({e})")
+            return
+
+        def save(fig, ax, name, **labels):
+            ax.set(**labels)
+            ax.legend(fontsize=8)
+            fig.savefig(os.path.join(self.results, name), dpi=120, bbox_inches='tight')
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for (optimizer, iters), runs in sorted(sweeps.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            lrs = sorted(runs)
+            ax.plot(lrs, [runs[lr]['final_val'] for lr in lrs], 'o-' if iters == self.length else 's--',
+                    label=f"{optimizer}, {iters} steps")
+        save(fig, ax, 'lr_sensitivity.png', xscale='log', xlabel='peak lr', ylabel='final val loss',
+             title='lr sensitivity (seed 0)')
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for (optimizer, iters), runs in sorted(sweeps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            lr, _, _ = sweep_best(runs)
+            curve = {int(k): v for k, v in runs[lr]['curve'].items()}
+            ax.plot(sorted(curve), [curve[k] for k in sorted(curve)], '-' if optimizer == 'muon' else '--',
+                    label=f"{optimizer}, {iters} steps, lr {lr:g}")
+        save(fig, ax, 'lengths_val_loss.png', xlabel='optimizer step', ylabel='val loss', yscale='log',
+             title='each length at its best lr (seed 0)')
+        for name, stats in tables.items():
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for s in stats:
+                if not s['runs']:
+                    continue
+                steps = sorted(set.intersection(*(set(map(int, r['curve'])) for r in s['runs'])))
+                v = np.array([[r['curve'][str(k)] for k in steps] for r in s['runs']])
+                line, = ax.plot(steps, v.mean(0), label=s['row'].name)
+                ax.fill_between(steps, v.min(0), v.max(0), color=line.get_color(), alpha=0.2, lw=0)
+            save(fig, ax, f'{name}_val_loss.png', xlabel='optimizer step', ylabel='val loss', yscale='log',
+                 title=f"{name}: mean over seeds, band min-max")
 
 
-def long_run(a, targets):
-    """The `long` phase's AdamW run (16x, at the 4x best lr, seed 0) against Muon's seed means
-    targets {length: loss}: where along its val curve it first reaches each."""
-    lr = tuned_lr(a, 'adamw', 4 * a.length)
-    run = load(a, Run('adamw', lr, 16 * a.length)) if lr else None
-    if run is None:
-        return []
-    curve = sorted((int(k), v) for k, v in run['curve'].items())
-    reached = [f"Muon's {n}-step mean ({t:.4f}) " + next((f"first at step {k}" for k, v in curve if v <= t),
-                                                         "never") for n, t in sorted(targets.items())]
-    return ['', f"**AdamW at {16 * a.length} steps** (lr {lr:g}, the {4 * a.length}-step best; seed 0; "
-            f"{run['train_s'] / 3600:.1f} core-hours): final val loss {run['final_val']:.4f}; along its val curve "
-            f"(every {curve[1][0] - curve[0][0]} steps) it reaches " + '; '.join(reached) + '.']
+# -----------------------------------------------------------------------------
+# the tuned study (real data): every optimizer tuned coordinate-wise, one hyperparameter at a time
 
-
-def probes_by_length(a, probed):
-    """The same runs' encoders probed: whether the loss's ordering holds for the representation."""
-    if not probed:
-        return []
-    lines = ['', '| steps | attentive: AdamW | attentive: Muon | linear: AdamW | linear: Muon |', '|---|---|---|---|---|']
-    for iters in sorted({n for _, n in probed}):
-        cells = [fmt(probed.get((o, iters), {}).get(h), 3) for h in ('attentive', 'linear') for o in ('adamw', 'muon')]
-        lines.append(f"| {iters} | {' | '.join(cells)} |")
-    floor = floor_probes(a)
-    lines += ['', "Best probe top-1 (`" + ' '.join((a.probe_config, *a.probe_args)) + "`), mean ± sample SD (n), of the "
-              "runs above" + (f"; a random encoder: attentive {fmt(mean_sd([p['attentive'] for p in floor.values()]), 3)}, "
-                              f"linear {fmt(mean_sd([p['linear'] for p in floor.values()]), 3)}" if floor else '') + '.']
-    return lines
-
-
-def unready_tables(a):
-    """{table: the optimizers without a tuned lr at the short length} for the tables that cannot run yet."""
-    missing = {name: sorted({r.optimizer for r in TABLES[name] if tuned_lr(a, r.optimizer, a.length) is None})
-               for name in a.tables}
-    return {name: m for name, m in missing.items() if m}
-
-
-def report(a):
-    os.makedirs(a.results, exist_ok=True)
-    parts = ['# The small-scale study', '', f"Config `{os.path.relpath(a.config, ROOT)}`, short length {a.length} "
-             f"steps; probes `{' '.join((a.probe_config, *a.probe_args))}`. Made by `python scripts/study.py report`. "
-             "Wall times: one core per run, as measured, on whatever else the machine was doing.", '']
-    done = summaries(a)
-    parts += [f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
-              f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.", '']
-    sweeps = {}
-    parts += ['## 1. Peak-lr sweeps (seed 0, final val loss)', '']
-    for iters in (a.length, 2 * a.length, 4 * a.length):
-        for optimizer in OPTIMIZERS:
-            runs = sweep_runs(a, optimizer, iters)
-            if runs:
-                sweeps[optimizer, iters] = runs
-                best, _, inside = best_run(runs)
-                cells = [f"{'**' if lr == best else ''}{lr:g}: {runs[lr]['final_val']:.4f}{'**' if lr == best else ''}"
-                         for lr in sorted(runs)]
-                inside = 'inside' if inside else 'ON THE EDGE'
-                minutes = sum(r['train_s'] for r in runs.values()) / 60
-                parts.append(f"- {optimizer}, {iters} steps: {', '.join(cells)} (best {inside}; {minutes:.0f} min)")
-    parts.append('')
-    unready = unready_tables(a)
-    tables = {name: report_table(a, name) for name in a.tables if name not in unready}  # name -> (text, stats)
-    parts += lengths_section(a, sweeps) + ['']
-    for name, (text, _) in tables.items():
-        parts += [f"## {name}", '', text, '']
-    parts += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"
-              for name, missing in unready.items()]
-    with open(os.path.join(a.results, 'study.md'), 'w') as f:
-        f.write('\n'.join(parts) + '\n')
-    print('\n'.join(parts))
-    plots(a, sweeps, {name: stats for name, (_, stats) in tables.items()})
-
+KNOBS = {  # in the order they are tuned; what is held fixed: HELD
+    'adamw': (Knob('lr', (1e-3, 2e-3, 4e-3, 8e-3)), Knob('beta2', (0.95, 0.99, 0.999)),
+              Knob('weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
+    'muon': (Knob('lr', (4e-3, 8e-3, 1.6e-2, 3.2e-2)),
+             Knob('adamw_lr', lambda best: (best['lr'] / 4, best['lr'] / 2, best['lr'])),
+             Knob('muon_weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
+}
 
 HELD = {  # what the tuned protocol holds fixed, besides the config's model, data, batch and mask ratio
     'adamw': "beta1 0.9, eps 1e-8, warmup from lr/3 then cosine to 0",
@@ -897,179 +828,289 @@ HELD = {  # what the tuned protocol holds fixed, besides the config's model, dat
 }
 
 
-def report_tuned(a):
-    """The real-data study's report (tune, scale): results/<...>/study.md."""
-    os.makedirs(a.results, exist_ok=True)
-    L = a.length
-    parts = [f"# The tuned study: `{os.path.relpath(a.config, ROOT)}`", '',
-             f"Short length {L} steps, then {4 * L} and {16 * L}; probes `{' '.join((a.probe_config, *a.probe_args))}`. "
-             "Made by `python scripts/study.py report_tuned`. Wall times: one core per run, as measured, two runs at a "
-             "time.", '']
-    done = summaries(a)
-    parts += [f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
-              f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.", '']
-    settings, traces = {}, {}
-    parts += ['## 1. Tuning at the short length (seed 0, final val loss)', '',
-              "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
-              "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
-              "knob over its best and its neighbours, until a pass changes nothing.", '']
-    for optimizer in KNOBS:
-        trace = []
-        settings[optimizer] = length_settings(a, optimizer, wait=False, trace=trace)
-        traces[optimizer] = trace
-        for n, key, runs, best in trace:
-            if key == 'lr' and isinstance(n, int) and n > L:
-                continue  # a longer length's lr sweep: section 2
-            cells = [f"{'**' if v == best else ''}{v:g}: {r['final_val']:.4f}{'**' if v == best else ''}"
-                     for v, r in sorted(runs.items())]
-            parts.append(f"- {optimizer}, pass {n}, {key}: {', '.join(cells)}" + ('' if best is not None else
-                         ' (unfinished)'))
-        tuned = settings[optimizer].get(L)
-        parts += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
-                  if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
-    floors = tuned_floors(a, settings)
-    parts += lengths_tuned(a, settings, traces, floors)
-    at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
-    for name in (n for n in a.tables if n != 'papers'):
-        if None not in at.values():
-            text, _ = report_table(a, name, lambda row, seed: row_run(a, row, seed, at), floors['random'])
-            parts += [f"## {name}, at {4 * L} steps", '', text, '']
-    with open(os.path.join(a.results, 'study.md'), 'w') as f:
-        f.write('\n'.join(parts) + '\n')
-    print('\n'.join(parts))
+def with_lr(setting, lr):
+    """setting with its peak lr moved to lr; an untied AdamW side moves with it (its ratio kept)."""
+    side = setting.get('adamw_lr')
+    return {**setting, 'lr': lr, **({'adamw_lr': float(f"{side * lr / setting['lr']:.6g}")} if side else {})}
 
 
-def tuned_floors(a, settings):
-    """The probes' floors of the tuned study, {'random': {seed: probes}, 'pixels': {seed: probes}}:
-    probed beside AdamW's runs at its tuned short-length setting (scale)."""
-    setting = settings['adamw'].get(a.length)
-    runs = [r for r in (load(a, setting_run(a, 'adamw', setting, a.length, s)) for s in a.seeds) if r] if setting else []
-    return {name: {r['seed']: r['probes'][key] for r in runs if key in r['probes']}
-            for name, key in (('random', 'random'), ('pixels', 'pixels=True_head=linear'))}
+class TunedStudy(Study):
+    def defaults(self, optimizer):
+        """The config's value of every knob of optimizer: the untuned setting."""
+        c = harness.configure([self.config, f'--optimizer={optimizer}'], train_mae.CONFIG)
+        return dict(lr=c['lr'], beta2=c['betas'][1], weight_decay=c['weight_decay'], warmup_epochs=c['warmup_epochs'],
+                    adamw_lr=c['adamw_lr'], muon_weight_decay=c['muon_weight_decay'], beta1=c['betas'][0])
 
-
-def lengths_tuned(a, settings, traces, floor):
-    """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
-    the lr sweeps of the longer lengths, the checks at the longest, the speedup, the probes."""
-    L = a.length
-    lines = ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
-             '| steps | AdamW: lr, final val (seeds) | Muon: lr, final val (seeds) | Muon - AdamW (paired) |',
-             '|---|---|---|---|']
-    finals, runs_at = {}, {}
-    for iters in (L, 4 * L, 16 * L):
-        cells = []
-        for optimizer in ('adamw', 'muon'):
-            setting = settings[optimizer].get(iters)
-            runs = [r for r in (load(a, setting_run(a, optimizer, setting, iters, s)) for s in a.seeds) if r] \
-                if setting else []
-            runs_at[optimizer, iters] = runs
-            finals[optimizer, iters] = by_seed(runs, lambda r: r['final_val'])
-            cells.append(f"{setting['lr']:g}, {fmt(mean_sd(list(finals[optimizer, iters].values())), 4)}"
-                         if runs else '–')
-        lines.append(f"| {iters} | {' | '.join(cells)} | {delta(finals['muon', iters], finals['adamw', iters], 4)} |")
-    lines += ['', "Each length's lr re-tuned around the previous length's best (half, once, twice; widened at an "
-              "edge), the other knobs held at the short length's tuned values (an untied AdamW-side lr keeps its "
-              "ratio to Muon's):", '']
-    for optimizer, trace in traces.items():
-        for iters, key, runs, best in trace:
-            if key == 'lr' and iters > L:
-                lines.append(f"- {optimizer}, {iters} steps: " + ', '.join(
-                    f"{'**' if v == best else ''}{v:g}: {r['final_val']:.4f}{'**' if v == best else ''}"
-                    for v, r in sorted(runs.items())))
-    checked = []
-    for optimizer, trace in traces.items():
-        longest = settings[optimizer].get(16 * L)
-        base = load(a, setting_run(a, optimizer, longest, 16 * L)) if longest else None
-        short = [t for t in trace if not (t[1] == 'lr' and t[0] > L)]
-        if base is None or len(short) < len(KNOBS[optimizer]):
-            continue
-        for key, run in checks(a, optimizer, longest, short).items():
-            s = load(a, run)
-            if s:
-                verdict = 'holds' if s['final_val'] > base['final_val'] else 'DOES NOT HOLD'
-                checked.append(f"- {optimizer}, {key}: {run.name}: {s['final_val']:.4f} against the tuned "
-                               f"{base['final_val']:.4f} (seed 0): the short length's value {verdict}")
-    if checked:
-        lines += ['', f"Checks at {16 * L} steps, each tuned knob moved one grid step to its runner-up side:", ''] + checked
-    adamw = [(n, mean_sd(list(finals['adamw', n].values()))[0]) for n in (L, 4 * L, 16 * L) if finals['adamw', n]]
-    if finals['muon', L] and adamw:
-        target = mean_sd(list(finals['muon', L].values()))[0]
-        estimates = {rule: steps_to_reach(adamw, target, rule) for rule in INTERPOLATIONS}
-
-        def show(e):
-            return (f"more than {max(n for n, _ in adamw) / L:g}x" if e is None else
-                    f"at most {min(n for n, _ in adamw) / L:g}x" if e == 0 else f"{e / L:.2f}x")
-        lines += ['', f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at {L} steps "
-                  f"({target:.4f}), over {L}, by rule of interpolation between AdamW's seed means at "
-                  f"{', '.join(str(n) for n, _ in adamw)} steps: " +
-                  '; '.join(f"{rule} {show(e)}" for rule, e in estimates.items()) + '.']
-    probed = {k: [r['probes']['default'] for r in runs if 'default' in r['probes']] for k, runs in runs_at.items()}
-    if any(probed.values()):
-        lines += ['', '| steps | attentive: AdamW | attentive: Muon | linear: AdamW | linear: Muon |',
-                  '|---|---|---|---|---|']
-        for iters in (L, 4 * L, 16 * L):
-            cells = [fmt(mean_sd([p[h] for p in probed['adamw' if o == 'adamw' else 'muon', iters]]), 3)
-                     if probed[o, iters] else '–' for h in HEADS for o in ('adamw', 'muon')]
-            lines.append(f"| {iters} | {' | '.join(cells)} |")
-        lines += ['', "Best probe top-1, mean ± sample SD (n). Floors, per seed: a random encoder (attentive "
-                  f"{fmt(mean_sd([p['attentive'] for p in floor['random'].values()]), 3) if floor['random'] else '–'}, "
-                  f"linear {fmt(mean_sd([p['linear'] for p in floor['random'].values()]), 3) if floor['random'] else '–'})"
-                  f" and the pixels through the linear probe (a logistic regression: "
-                  f"{fmt(mean_sd([p['linear'] for p in floor['pixels'].values()]), 3) if floor['pixels'] else '–'}). "
-                  "Margins over the floors, paired by seed:", '']
-        for (optimizer, iters), runs in runs_at.items():
-            mine = {h: by_seed(runs, lambda r: r['probes'].get('default', {}).get(h)) for h in HEADS}
-            if not mine['linear']:
+    def setting_run(self, optimizer, setting, iters, seed=0):
+        """The Run of a setting {knob: value}: a flag for each knob off the config's value (an
+        adamw_lr equal to the lr is the tied default), so the untuned setting is the plain run."""
+        base, flags = self.defaults(optimizer), []
+        for knob in KNOBS[optimizer][1:]:
+            value = setting[knob.key]
+            if value == base[knob.key] or knob.key == 'adamw_lr' and value == setting['lr']:
                 continue
-            vs = [f"random {h} {delta(mine[h], {s: p[h] for s, p in floor['random'].items()}, 3)}" for h in HEADS]
-            vs.append(f"pixels linear {delta(mine['linear'], {s: p['linear'] for s, p in floor['pixels'].items()}, 3)}")
-            lines.append(f"- {optimizer}, {iters} steps: {'; '.join(vs)}")
-    return lines + ['']
+            flags.append(f"--betas=({base['beta1']!r},{value!r})" if knob.key == 'beta2' else f"--{knob.key}={value!r}")
+        return Run(optimizer, setting['lr'], iters, seed, tuple(sorted(flags)))
 
-
-def plots(a, sweeps, tables):
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        print(f"plots skipped: matplotlib is not importable ({e})")
-        return
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (optimizer, iters), runs in sorted(sweeps.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lrs = sorted(runs)
-        ax.plot(lrs, [runs[lr]['final_val'] for lr in lrs], 'o-' if iters == a.length else 's--',
-                label=f"{optimizer}, {iters} steps")
-    ax.set(xscale='log', xlabel='peak lr', ylabel='final val loss', title='lr sensitivity (seed 0)')
-    ax.legend(fontsize=8)
-    fig.savefig(os.path.join(a.results, 'lr_sensitivity.png'), dpi=120, bbox_inches='tight')
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (optimizer, iters), runs in sorted(sweeps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        lr, _, _ = best_run(runs)
-        curve = {int(k): v for k, v in runs[lr]['curve'].items()}
-        ax.plot(sorted(curve), [curve[k] for k in sorted(curve)], '-' if optimizer == 'muon' else '--',
-                label=f"{optimizer}, {iters} steps, lr {lr:g}")
-    ax.set(xlabel='optimizer step', ylabel='val loss', yscale='log', title='each length at its best lr (seed 0)')
-    ax.legend(fontsize=8)
-    fig.savefig(os.path.join(a.results, 'lengths_val_loss.png'), dpi=120, bbox_inches='tight')
-    for name, stats in tables.items():
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for s in stats:
-            if not s['runs']:
+    def sweep_knob(self, optimizer, iters, setting, knob, values, wait, make=None):
+        """Train setting with knob at each of values (make(setting, value) -> the setting of a
+        value; by default the knob set to it), widened while the best lies on an edge.
+        Returns (best value, {value: summary}); (None, the finished ones) while runs are missing:
+        in a report (wait=False), or never when waiting (another process's runs are polled)."""
+        values = sorted({float(f"{v:.6g}") for v in values})
+        make = make or (lambda setting, v: {**setting, knob.key: v})
+        while True:
+            runs = {v: self.setting_run(optimizer, make(setting, v), iters) for v in values}
+            done = {v: self.train(run) if wait else self.summary(run) for v, run in runs.items()}  # None: another's
+            if any(s is None for s in done.values()):
+                if not wait or self.dry_run:
+                    return None, {v: s for v, s in done.items() if s}
+                time.sleep(30)
                 continue
-            steps = sorted(set.intersection(*(set(map(int, r['curve'])) for r in s['runs'])))
-            v = np.array([[r['curve'][str(k)] for k in steps] for r in s['runs']])
-            line, = ax.plot(steps, v.mean(0), label=s['row'].name)
-            ax.fill_between(steps, v.min(0), v.max(0), color=line.get_color(), alpha=0.2, lw=0)
-        ax.set(xlabel='optimizer step', ylabel='val loss', yscale='log', title=f"{name}: mean over seeds, band min-max")
-        ax.legend(fontsize=8)
-        fig.savefig(os.path.join(a.results, f'{name}_val_loss.png'), dpi=120, bbox_inches='tight')
+            best, inside, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
+            if inside or more is None:
+                return best, done
+            values.append(more)
+
+    def coordinate_tune(self, optimizer, iters, wait=True, trace=None):
+        """One hyperparameter at a time, each swept holding the others at their current best,
+        bracketed; passes repeat (each knob at its best and its neighbours in the previous
+        pass's grid) until a pass changes nothing. Returns the tuned setting, or None while
+        unfinished. trace: a list that receives (pass, knob, {value: summary}, best)."""
+        base = self.defaults(optimizer)
+        setting = {knob.key: base[knob.key] for knob in KNOBS[optimizer]}
+        grids = {}
+        for n in range(1, 6):
+            changed = False
+            for knob in KNOBS[optimizer]:
+                if n == 1:
+                    values = knob.grid(setting) if callable(knob.grid) else knob.grid
+                else:  # the best and its neighbours in the previous pass's values
+                    ladder = sorted(grids[knob.key], key=knob.scale)
+                    i = ladder.index(setting[knob.key]) if setting[knob.key] in ladder else None
+                    values = ladder[max(0, i - 1):i + 2] if i is not None else [setting[knob.key]]
+                best, done = self.sweep_knob(optimizer, iters, setting, knob, values, wait)
+                if trace is not None:
+                    trace.append((n, knob.key, done, best))
+                if best is None:
+                    return None
+                grids[knob.key] = sorted(set(grids.get(knob.key, [])) | set(done))
+                tied = knob.key == 'adamw_lr' and setting[knob.key] == 0 and best == setting['lr']  # the same runs
+                changed |= best != setting[knob.key] and not tied
+                setting[knob.key] = best
+            if not changed:
+                return setting
+        return setting
+
+    def length_settings(self, optimizer, wait=True, trace=None, lr_sweeps=None):
+        """{iters: the tuned setting} at the short length and at 4x and 16x it: the short length's
+        tuned setting with its lr re-tuned at each longer length (from half, once and twice the
+        previous length's best, bracketed). Stops at the first length not finished (report).
+        trace: coordinate_tune's; lr_sweeps: a list that receives (iters, {lr: summary}, best)."""
+        setting = self.coordinate_tune(optimizer, self.length, wait, trace)
+        out = {self.length: setting} if setting else {}
+        for iters in (4 * self.length, 16 * self.length):
+            if setting is None:
+                break
+            lr = setting['lr']
+            best, done = self.sweep_knob(optimizer, iters, setting, KNOBS[optimizer][0], (lr / 2, lr, 2 * lr), wait,
+                                         make=with_lr)
+            if lr_sweeps is not None:
+                lr_sweeps.append((iters, done, best))
+            setting = with_lr(setting, best) if best is not None else None
+            if setting:
+                out[iters] = setting
+        return out
+
+    def tuned_at(self, iters):
+        """{optimizer: its tuned setting at iters steps} of AdamW and Muon, None where unfinished."""
+        return {o: self.length_settings(o, wait=False).get(iters) for o in ('adamw', 'muon')}
+
+    def check_runs(self, optimizer, tuned, trace):
+        """At the longest length, one run per knob besides the lr: the knob moved to its
+        runner-up side at the short length (the neighbour with the lower loss there; up from a
+        floor). {knob: Run}."""
+        last = {key: (done, best) for _, key, done, best in trace}  # each knob's final sweep at the short length
+        out = {}
+        for knob in KNOBS[optimizer][1:]:
+            done, best = last[knob.key]
+            ladder = sorted(done, key=knob.scale)
+            i = ladder.index(best)
+            sides = [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+            value = min(sides, key=lambda v: done[v]['final_val'])
+            out[knob.key] = self.setting_run(optimizer, {**tuned, knob.key: value}, 16 * self.length)
+        return out
+
+    def row_run(self, row, settings, seed=0):
+        """A table row in the tuned study: its optimizer's tuned setting at 4x the short length
+        (settings: {optimizer: setting}), plus the row's flags."""
+        run = self.setting_run(row.optimizer, settings[row.optimizer], 4 * self.length, seed)
+        return run._replace(flags=tuple(sorted(run.flags + row.flags)))
+
+    # the phases
+
+    def tune(self):
+        """Each of --optimizers tuned at the short length (coordinate_tune)."""
+        for optimizer in self.optimizers:
+            setting = self.coordinate_tune(optimizer, self.length)
+            print(f"{optimizer} at {self.length} steps: {setting}")
+
+    def scale(self):
+        """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
+        16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
+        (and, beside AdamW's short runs, per seed, a random encoder and the pixels: the floors);
+        then, at 16x, one check of each other tuned knob."""
+        for optimizer in self.optimizers:
+            settings = self.length_settings(optimizer)
+            for iters, setting in settings.items():
+                for seed in self.seeds:
+                    run = self.setting_run(optimizer, setting, iters, seed)
+                    self.train(run)
+                    self.probe(run)
+                    if iters == self.length and optimizer == 'adamw':  # the floors, once per seed (beside AdamW's runs)
+                        self.probe(run, random_encoder=True)
+                        self.probe(run, PIXELS)
+            if 16 * self.length in settings:
+                trace = []
+                self.coordinate_tune(optimizer, self.length, wait=False, trace=trace)
+                for run in self.check_runs(optimizer, settings[16 * self.length], trace).values():
+                    self.train(run)
+
+    def rows(self):
+        """The tuned study's tables (--tables; the blog's rows and its probe experiment) at 4x the
+        short length, each row at its optimizer's tuned setting there, --seeds seeds, probed."""
+        settings = self.tuned_at(4 * self.length)
+        if None in settings.values():
+            sys.exit(f"error: AdamW's or Muon's setting at {4 * self.length} steps is not tuned yet: run tune and scale first")
+        for seed in self.seeds:
+            for name in self.tables:
+                for row in TABLES[name]:
+                    run = self.row_run(row, settings, seed)
+                    self.train(run)
+                    self.probe(run, row.probe)
+
+    # the report
+
+    def report_tuned(self):
+        """The real-data study's report (tune, scale): results/<...>/study.md."""
+        L = self.length
+        lines = [f"# The tuned study: `{self.config_name}`", '',
+                 f"Short length {L} steps, then {4 * L} and {16 * L}; probes `{self.probe_command}`. "
+                 "Made by `python scripts/study.py report_tuned`. Wall times: one core per run, as measured, two runs at a "
+                 "time.", '', fmt_machine_time(self.summaries()), '',
+                 '## 1. Tuning at the short length (seed 0, final val loss)', '',
+                 "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
+                 "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
+                 "knob over its best and its neighbours, until a pass changes nothing.", '']
+        settings, traces, lr_sweeps = {}, {}, {}
+        for optimizer in KNOBS:
+            traces[optimizer], lr_sweeps[optimizer] = [], []
+            settings[optimizer] = self.length_settings(optimizer, False, traces[optimizer], lr_sweeps[optimizer])
+            for n, key, runs, best in traces[optimizer]:
+                lines.append(f"- {optimizer}, pass {n}, {key}: {fmt_sweep(runs, best)}"
+                             + ('' if best is not None else ' (unfinished)'))
+            tuned = settings[optimizer].get(L)
+            lines += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
+                      if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
+        runs_at = {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
+                   for n in (L, 4 * L, 16 * L) for o in ('adamw', 'muon')}
+        floors = self.tuned_floors(settings)
+        lines += self.lengths_section(settings, runs_at, lr_sweeps)
+        lines += self.checks_section(settings, traces)
+        lines += self.speedup_section(runs_at)
+        lines += self.probes_section(runs_at, floors) + ['']
+        at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
+        for name in (n for n in self.tables if n != 'papers'):
+            if None not in at.values():
+                stats = self.table_stats(name, lambda row: self.row_run(row, at), floors['random'])
+                lines += [f"## {name}, at {4 * L} steps", '', fmt_table(stats, name != 'probe_optimizer'), '']
+        self.write('study.md', lines)
+
+    def tuned_floors(self, settings):
+        """The probes' floors of the tuned study, {'random': {seed: probes}, 'pixels': {seed: probes}}:
+        probed beside AdamW's runs at its tuned short-length setting (scale)."""
+        setting = settings['adamw'].get(self.length)
+        runs = self.seed_summaries(self.setting_run('adamw', setting, self.length)) if setting else []
+        return {name: by_seed(runs, lambda r: r['probes'].get(key))
+                for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)))}
+
+    def lengths_section(self, settings, runs_at, lr_sweeps):
+        """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
+        the lr sweeps of the longer lengths."""
+        rows = []
+        for n in (self.length, 4 * self.length, 16 * self.length):
+            finals = {o: by_seed(runs_at[o, n], lambda r: r['final_val']) for o in ('adamw', 'muon')}
+            rows.append([str(n)] + [f"{settings[o][n]['lr']:g}, {fmt(mean_sd(list(finals[o].values())), 4)}"
+                                    if runs_at[o, n] else '–' for o in ('adamw', 'muon')] +
+                        [fmt_delta(finals['muon'], finals['adamw'], 4)])
+        return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
+                *markdown_table(['steps', 'AdamW: lr, final val (seeds)', 'Muon: lr, final val (seeds)',
+                                 'Muon - AdamW (paired)'], rows),
+                '', "Each length's lr re-tuned around the previous length's best (half, once, twice; widened at an "
+                "edge), the other knobs held at the short length's tuned values (an untied AdamW-side lr keeps its "
+                "ratio to Muon's):", '',
+                *(f"- {o}, {n} steps: " + fmt_sweep(runs, best)
+                  for o, sweeps in lr_sweeps.items() for n, runs, best in sweeps)]
+
+    def checks_section(self, settings, traces):
+        """Each check at the longest length against the tuned setting there (seed 0)."""
+        checked = []
+        for optimizer, trace in traces.items():
+            longest = settings[optimizer].get(16 * self.length)
+            base = self.summary(self.setting_run(optimizer, longest, 16 * self.length)) if longest else None
+            if base is None or len(trace) < len(KNOBS[optimizer]):
+                continue
+            for key, run in self.check_runs(optimizer, longest, trace).items():
+                s = self.summary(run)
+                if s:
+                    verdict = 'holds' if s['final_val'] > base['final_val'] else 'DOES NOT HOLD'
+                    checked.append(f"- {optimizer}, {key}: {run.name}: {s['final_val']:.4f} against the tuned "
+                                   f"{base['final_val']:.4f} (seed 0): the short length's value {verdict}")
+        return ['', f"Checks at {16 * self.length} steps, each tuned knob moved one grid step to its runner-up side:",
+                ''] + checked if checked else []
+
+    def speedup_section(self, runs_at):
+        """Muon's speedup by every rule of INTERPOLATIONS, from the seed means."""
+        L = self.length
+        means = {k: mean_sd([r['final_val'] for r in runs])[0] for k, runs in runs_at.items() if runs}
+        adamw = [(n, means['adamw', n]) for n in (L, 4 * L, 16 * L) if ('adamw', n) in means]
+        if ('muon', L) not in means or not adamw:
+            return []
+        target, lengths = means['muon', L], [n for n, _ in adamw]
+        return ['', f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at {L} steps "
+                f"({target:.4f}), over {L}, by rule of interpolation between AdamW's seed means at "
+                f"{', '.join(map(str, lengths))} steps: " +
+                '; '.join(f"{rule} {fmt_speedup(steps_to_reach(adamw, target, rule), L, lengths)}"
+                          for rule in INTERPOLATIONS) + '.']
+
+    def probes_section(self, runs_at, floor):
+        """Every length's encoders probed, and their margins over the floors, paired by seed."""
+        probed = {k: by_seed(runs, lambda r: r['probes'].get('default')) for k, runs in runs_at.items()}
+        if not any(probed.values()):
+            return []
+        lines = ['', *probe_table(probed, (self.length, 4 * self.length, 16 * self.length)),
+                 '', "Best probe top-1, mean ± sample SD (n). Floors, per seed: a random encoder (attentive "
+                 f"{fmt_mean(top1(floor['random'], 'attentive').values(), 3)}, "
+                 f"linear {fmt_mean(top1(floor['random'], 'linear').values(), 3)})"
+                 f" and the pixels through the linear probe (a logistic regression: "
+                 f"{fmt_mean(top1(floor['pixels'], 'linear').values(), 3)}). Margins over the floors, paired by seed:", '']
+        for (optimizer, iters), probes in probed.items():
+            if top1(probes, 'linear'):
+                vs = [f"random {h} {fmt_delta(top1(probes, h), top1(floor['random'], h), 3)}" for h in HEADS]
+                vs.append(f"pixels linear {fmt_delta(top1(probes, 'linear'), top1(floor['pixels'], 'linear'), 3)}")
+                lines.append(f"- {optimizer}, {iters} steps: {'; '.join(vs)}")
+        return lines
+
+
+PHASES = dict(sweep=LrStudy.sweep, lengths=LrStudy.lengths, long=LrStudy.long, tables=LrStudy.train_tables,
+              report=LrStudy.report, seeds=LrStudy.train_seeds, tune=TunedStudy.tune, scale=TunedStudy.scale,
+              rows=TunedStudy.rows, report_tuned=TunedStudy.report_tuned)  # each a method of its study
 
 
 def main(argv):
     argv, train_args = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog='after --: extra train_mae.py flags')
-    p.add_argument('phase', choices=('sweep', 'lengths', 'long', 'tables', 'report', 'seeds', 'tune', 'scale', 'rows', 'report_tuned'))
+    p.add_argument('phase', choices=tuple(PHASES))
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
@@ -1083,14 +1124,15 @@ def main(argv):
     p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
     p.add_argument('--commit', action='store_true', help='git-commit each summary as it is written (--results in a repository)')
     a = p.parse_args(argv)
-    a.config, a.results, a.out = map(os.path.abspath, (a.config, a.results, a.out))
-    a.lrs = [float(x) for x in a.lrs.split(',')]
-    a.optimizers, a.tables = a.optimizers.split(','), a.tables.split(',')
-    a.seeds, a.train_args, a.probe_args = range(a.seeds), train_args, shlex.split(a.probe_args)
-    for value, allowed, flag in ((a.optimizers, OPTIMIZERS, 'optimizers'), (a.tables, TABLES, 'tables')):
+    lrs, optimizers, tables = [float(x) for x in a.lrs.split(',')], a.optimizers.split(','), a.tables.split(',')
+    probe_args = shlex.split(a.probe_args)
+    for value, allowed, flag in ((optimizers, OPTIMIZERS, 'optimizers'), (tables, TABLES, 'tables')):
         if set(value) - set(allowed):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
-    dict(sweep=sweep, lengths=lengths, tables=tables, report=report, seeds=seeds, tune=tune_all, scale=scale, rows=rows, long=long, report_tuned=report_tuned)[a.phase](a)
+    phase = PHASES[a.phase]
+    study = TunedStudy if phase in vars(TunedStudy).values() else LrStudy
+    phase(study(*map(os.path.abspath, (a.config, a.results, a.out)), a.length, lrs, optimizers, tables, range(a.seeds),
+                a.probe_config, probe_args, train_args, a.dry_run, a.commit))
 
 
 if __name__ == '__main__':

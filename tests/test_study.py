@@ -109,11 +109,14 @@ def test_delta_is_a_paired_t_test_over_the_seeds_both_rows_have():
     import study as S
     ys = {0: 1.0, 1: 2.0, 2: 3.0}
     # differences 0.1, 0.08, 0.04: t = 4.16 < t(0.975, 2) = 4.303, unmarked (2 standard errors would mark it)
-    assert S.delta({0: 1.1, 1: 2.08, 2: 3.04}, ys, 3) == '+0.073'
+    assert S.fmt_delta({0: 1.1, 1: 2.08, 2: 3.04}, ys, 3) == '+0.073'
     # 0.1, 0.1, 0.05: t = 5.0, marked, though the rows' spreads (SD 1) dwarf the difference unpaired
-    assert S.delta({0: 1.1, 1: 2.1, 2: 3.05}, ys, 3) == '+0.083 *'
-    assert S.delta({0: 1.1, 1: 2.1, 5: 9.0}, ys, 2) == '+0.10 *'  # seed 5 has no partner: two pairs, no spread
-    assert S.delta({0: 1.1}, ys, 2) == '+0.10' and S.delta({7: 1.0}, ys, 2) == '–'  # one pair: no test
+    assert S.fmt_delta({0: 1.1, 1: 2.1, 2: 3.05}, ys, 3) == '+0.083 *'
+    assert S.fmt_delta({0: 1.1, 1: 2.1, 5: 9.0}, ys, 2) == '+0.10 *'  # seed 5 has no partner: two pairs, no spread
+    assert S.fmt_delta({0: 1.1}, ys, 2) == '+0.10' and S.fmt_delta({7: 1.0}, ys, 2) == '–'  # one pair: no test
+    mean, marked = S.paired_difference({0: 1.1, 1: 2.1, 2: 3.05}, ys)  # the numbers behind the text
+    assert abs(mean - 0.25 / 3) < 1e-12 and marked
+    assert S.paired_difference({7: 1.0}, ys) == (None, False)
     assert abs(S.resolution([0.01, 0.01], 3) - 4.303 * (2 / 3) ** 0.5 * 0.01) < 1e-12
 
 
@@ -247,28 +250,28 @@ def test_patch_loss_splits_the_val_loss_that_training_logged(tmp_path):
         assert pixels[inside].std(0).max() < 0.03 < pixels[~inside].std(0).max()
 
 
-def made_up_study(tmp_path):
-    """(study module, its args) for a study over made-up summaries."""
-    from types import SimpleNamespace
+def made_up_study(tmp_path, kind='TunedStudy'):
+    """(study module, a study of that kind) over made-up summaries."""
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import study as S
     config = tmp_path / 'tiny.py'
     config.write_text(TINY_CONFIG)
-    return S, SimpleNamespace(config=str(config), results=str(tmp_path / 'results'), out=str(tmp_path / 'out'),
-                              dry_run=False, commit=False, length=12)
+    return S, getattr(S, kind)(config=str(config), results=str(tmp_path / 'results'), out=str(tmp_path / 'out'),
+                               length=12, lrs=list(S.LRS), optimizers=['adamw'], tables=[], seeds=range(1),
+                               probe_config='config/probe_quickstart.py')
 
 
-def fill(S, a, ask, loss):
+def fill(a, ask, loss):
     """Call ask() (a phase in report mode) until it returns a result, each time writing the
     summaries of the runs it found missing with loss(run) as their final val loss."""
-    load, asked = S.load, []
+    summary, asked = a.summary, []
 
-    def load_or_note(a, run):
-        summary = load(a, run)
-        if summary is None:
+    def summary_or_note(run):
+        found = summary(run)
+        if found is None:
             missing.append(run)
-        return summary
-    S.load = load_or_note
+        return found
+    a.summary = summary_or_note
     try:
         for _ in range(100):
             missing = []
@@ -278,10 +281,9 @@ def fill(S, a, ask, loss):
             assert missing
             for run in missing:
                 asked.append(run.name)
-                S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0,
-                                    probes={}))
+                a.save(run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0, probes={}))
     finally:
-        S.load = load
+        del a.summary  # the method again
     raise AssertionError('never finished')
 
 
@@ -309,7 +311,7 @@ def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(t
                 + s['weight_decay'] + 0.1 * (s['warmup_epochs'] - optimum['warmup_epochs']) ** 2
                 + 1 / run.iters)
     trace = []
-    setting, asked = fill(S, a, lambda: S.coordinate_tune(a, 'adamw', 12, wait=False, trace=trace.clear() or trace), loss)
+    setting, asked = fill(a, lambda: a.coordinate_tune('adamw', 12, wait=False, trace=trace.clear() or trace), loss)
     assert setting == optimum, setting
     assert len(asked) == len(set(asked))  # nothing asked twice
     assert {n for n, *_ in trace} == {1, 2}  # the first pass moves every knob; the second confirms
@@ -317,11 +319,10 @@ def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(t
         knob = next(k for k in S.KNOBS['adamw'] if k.key == key)
         assert min(done) < best < max(done) or best == knob.floor, (n, key, sorted(done), best)
 
-    settings, _ = fill(S, a, lambda: (lambda s: s if len(s) == 3 else None)(S.length_settings(a, 'adamw', wait=False)),
-                       loss)
+    settings, _ = fill(a, lambda: (lambda s: s if len(s) == 3 else None)(a.length_settings('adamw', wait=False)), loss)
     assert {n: s['lr'] for n, s in settings.items()} == {12: 3.2e-2, 48: 1.6e-2, 192: 8e-3}
     assert all({**s, 'lr': 0} == {**optimum, 'lr': 0} for s in settings.values())  # the other knobs held
-    checks = S.checks(a, 'adamw', settings[192], trace)
+    checks = a.check_runs('adamw', settings[192], trace)
     assert {k: adamw_setting(r)[k] for k, r in checks.items()} == dict(beta2=0.999, weight_decay=0.05,
                                                                        warmup_epochs=1.0)  # nearer than 4
     assert all(r.iters == 192 and r.lr == 8e-3 for r in checks.values())
@@ -347,36 +348,35 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
         level = {12: 0.40, 48: 0.30, 192: 0.25}[run.iters] - (0.05 if run.optimizer == 'muon' else 0.0)
         return level + 0.01 * math.log(run.lr / best) ** 2 + 0.001 * len(run.flags) + 0.002 * run.seed
     for optimizer in ('adamw', 'muon'):
-        settings, _ = fill(S, a, lambda: (lambda s: s if len(s) == 3 else None)(
-            S.length_settings(a, optimizer, wait=False)), loss)
+        settings, _ = fill(a, lambda: (lambda s: s if len(s) == 3 else None)(
+            a.length_settings(optimizer, wait=False)), loss)
         for iters, setting in settings.items():
             for seed in (1, 2):
-                run = S.setting_run(a, optimizer, setting, iters, seed)
-                S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0,
-                                    probes={}))
+                run = a.setting_run(optimizer, setting, iters, seed)
+                a.save(run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0, probes={}))
             for seed in (0, 1, 2):  # probes: Muon reads 0.1 above AdamW; the floors per seed
-                run = S.setting_run(a, optimizer, setting, iters, seed)
-                s = S.load(a, run)
+                run = a.setting_run(optimizer, setting, iters, seed)
+                s = a.summary(run)
                 s['probes']['default'] = dict(attentive=0.5 + 0.1 * (optimizer == 'muon') + 0.01 * seed,
                                               linear=0.6 + 0.1 * (optimizer == 'muon') + 0.02 * seed, warning='',
                                               probe_s=1.0)
                 if optimizer == 'adamw' and iters == 12:
                     s['probes']['random'] = dict(attentive=0.3, linear=0.2 + 0.01 * seed, warning='', probe_s=1.0)
                     s['probes']['pixels=True_head=linear'] = dict(linear=0.8, warning='', probe_s=1.0)
-                S.save(a, run, s)
+                a.save(run, s)
         trace = []
-        S.coordinate_tune(a, optimizer, 12, wait=False, trace=trace)
-        for run in S.checks(a, optimizer, settings[192], trace).values():
-            S.save(a, run, dict(run._asdict(), name=run.name, final_val=loss(run) - 0.01 * (run.optimizer == 'muon'),
-                                curve={}, train_s=1.0, probes={}))
-    at = S.tuned_at(a, 48)
+        a.coordinate_tune(optimizer, 12, wait=False, trace=trace)
+        for run in a.check_runs(optimizer, settings[192], trace).values():
+            a.save(run, dict(run._asdict(), name=run.name, final_val=loss(run) - 0.01 * (run.optimizer == 'muon'),
+                             curve={}, train_s=1.0, probes={}))
+    at = a.tuned_at(48)
     for seed in (0, 1, 2):  # the blog's rows at 48 steps: the no-bias rows 0.002 + 0.0001 * seed above the others
         for row in S.TABLES['blog']:
-            run = S.row_run(a, row, seed, at)
-            if S.load(a, run) is None:
-                S.save(a, run, dict(run._asdict(), name=run.name, curve={}, train_s=1.0, probes={}, final_val=loss(
+            run = a.row_run(row, at, seed)
+            if a.summary(run) is None:
+                a.save(run, dict(run._asdict(), name=run.name, curve={}, train_s=1.0, probes={}, final_val=loss(
                     run._replace(flags=())) + (0.002 + 0.0001 * seed) * ('--bias=False' in run.flags)))
-    S.report_tuned(a)
+    a.report_tuned()
     text = (tmp_path / 'results' / 'study.md').read_text()
     assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.032 | 0.25410 ± 0.00210 (3) | -0.04790 * |" in text
     assert "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.00210 *" in text  # paired: t = 36
@@ -400,24 +400,23 @@ def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypa
     """The bracketing rule wherever the built-in study reads a sweep: a best on the edge is
     not tuned (tuned_lr None, the tables wait for it, the report says so), and the sweep phase
     widens it, by a factor of 2, until it is inside."""
-    S, a = made_up_study(tmp_path)
+    S, a = made_up_study(tmp_path, 'LrStudy')
     a.tables, a.dry_run, a.seeds = ['blog'], False, range(1)
     losses = {1e-3: 0.5, 2e-3: 0.4, 4e-3: 0.3, 8e-3: 0.35}  # the best, 4e-3, inside only once 8e-3 has run
 
-    def fake_train(a, run):  # "trains" by writing a summary
-        if S.load(a, run) is None:
-            S.save(a, run, dict(run._asdict(), name=run.name, final_val=losses[run.lr], curve={}, train_s=1.0,
-                                probes={}))
-        return S.load(a, run)
+    def fake_train(run):  # "trains" by writing a summary
+        if a.summary(run) is None:
+            a.save(run, dict(run._asdict(), name=run.name, final_val=losses[run.lr], curve={}, train_s=1.0, probes={}))
+        return a.summary(run)
     for lr in (1e-3, 2e-3, 4e-3):
-        fake_train(a, S.Run('adamw', lr, 12))
-    runs = S.sweep_runs(a, 'adamw', 12)
-    assert S.tuned_lr(a, 'adamw', 12) is None and S.best_run(runs)[2] is False
-    assert S.unready_tables(a) == {'blog': ['adamw', 'muon']}
+        fake_train(S.Run('adamw', lr, 12))
+    runs = a.sweep_summaries('adamw', 12)
+    assert a.tuned_lr('adamw', 12) is None and S.sweep_best(runs)[2] is False
+    assert a.unready_tables() == {'blog': ['adamw', 'muon']}
     with pytest.raises(SystemExit, match='unfinished'):
-        S.best_lr(a, 'adamw', 12)
-    monkeypatch.setattr(S, 'train', fake_train)
-    S.tune(a, 'adamw', 12, [1e-3, 2e-3, 4e-3])  # widens once, to 8e-3, and stops: 4e-3 is inside
-    assert sorted(S.sweep_runs(a, 'adamw', 12)) == [1e-3, 2e-3, 4e-3, 8e-3]
-    assert S.tuned_lr(a, 'adamw', 12) == 4e-3 and S.best_run(S.sweep_runs(a, 'adamw', 12)) == (4e-3, 0.3, True)
-    assert S.unready_tables(a) == {'blog': ['muon']}
+        a.best_lr('adamw', 12)
+    monkeypatch.setattr(a, 'train', fake_train)
+    a.sweep_lr('adamw', 12, [1e-3, 2e-3, 4e-3])  # widens once, to 8e-3, and stops: 4e-3 is inside
+    assert sorted(a.sweep_summaries('adamw', 12)) == [1e-3, 2e-3, 4e-3, 8e-3]
+    assert a.tuned_lr('adamw', 12) == 4e-3 and S.sweep_best(a.sweep_summaries('adamw', 12)) == (4e-3, 0.3, True)
+    assert a.unready_tables() == {'blog': ['muon']}
