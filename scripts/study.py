@@ -141,8 +141,8 @@ class Knob(NamedTuple):
     grid: object
     floor: float = None
 
-    def scale(self, value):
-        """value in the space the knob's grid is geometric in (its own inverse)."""
+    def geometric(self, value):
+        """value in the space the knob's grid is geometric in (1 - beta2 for beta2; its own inverse)."""
         return 1 - value if self.key == 'beta2' else value
 
 
@@ -151,9 +151,10 @@ def beyond(knob, values, edge):
     or None where the edge is the knob's floor."""
     if edge == min(values) and edge == knob.floor:
         return None
-    ordered = sorted(values, key=knob.scale)  # increasing in the space the grid is geometric in
-    first, second = (ordered[0], ordered[1]) if knob.scale(edge) == knob.scale(ordered[0]) else (ordered[-1], ordered[-2])
-    return float(f"{knob.scale(knob.scale(first) ** 2 / knob.scale(second)):.6g}")
+    g = knob.geometric
+    ordered = sorted(values, key=g)  # increasing in the space the grid is geometric in
+    first, second = (ordered[0], ordered[1]) if g(edge) == g(ordered[0]) else (ordered[-1], ordered[-2])
+    return float(f"{g(g(first) ** 2 / g(second)):.6g}")
 
 
 def bracket(knob, finals):
@@ -412,8 +413,7 @@ class Study:
 
     @contextlib.contextmanager
     def lock(self, run):
-        """Hold run's lock (a file holding our pid) for the block; yields False, holding
-        nothing, if a live process holds it."""
+        """Holds run's lock (a file holding our pid) for the block; yields False if a live process holds it."""
         path = os.path.join(self.out, run.name + '.lock')
         os.makedirs(self.out, exist_ok=True)
         while True:
@@ -454,7 +454,7 @@ class Study:
             with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
                 json.dump(dict(spent=spent, started=time.time()), f)
             seconds = self.execute('train_mae.py', run.argv(self.config) + [f'--out_dir={out_dir}'] +
-                                   (['--init_from=resume'] if resume else []) + self.train_args)
+                                   (['--init_from=resume'] if resume else []) + list(self.train_args))
             with open(os.path.join(out_dir, 'log.jsonl')) as f:
                 curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r}
             if max(curve, default=0) != run.iters:  # stopped by a signal: train_mae.py saved and exited
@@ -494,10 +494,9 @@ class Study:
         print('\n'.join(lines))
 
     def table_stats(self, name, run_of, floor):
-        """A table's rows, each {row, lr, runs, seeds: {metric: {seed: value}}, metric: mean_sd
-        (None where no seed has it), edge: probes best on their grid's edge, probe_s}: run_of(row)
-        -> the row's Run at seed 0; floor {seed: random-encoder probes}, a last row (not in the
-        probe table)."""
+        """A table's rows, each {row, lr, runs, seeds: {metric: {seed: value}}, metric: its mean_sd or None,
+        edge: probes best on their grid's edge, probe_s}; run_of(row) -> its Run; floor {seed: random-encoder
+        probes}: a last row, but in the probe table."""
         stats = []
         for row in TABLES[name]:
             run, key = run_of(row), probe_key(row.probe)
@@ -525,8 +524,7 @@ class LrStudy(Study):
                 if (s['optimizer'], s['iters'], s['seed'], tuple(s['flags'])) == (optimizer, iters, 0, ())}
 
     def tuned_lr(self, optimizer, iters):
-        """The best lr of the optimizer's sweep at iters steps if it lies inside the sweep, else None
-        (not run yet, or still being widened)."""
+        """The best lr of the sweep at iters steps if it is inside, else None (not run yet, or being widened)."""
         runs = self.sweep_summaries(optimizer, iters)
         return sweep_best(runs)[0] if runs and sweep_best(runs)[2] else None
 
@@ -629,8 +627,7 @@ class LrStudy(Study):
             self.write('seeds.md', self.seeds_report(done))
 
     def seeds_report(self, done):
-        """seeds.md's lines: each seed's final val loss and probes against its random encoder,
-        then the first seed's encoder under every probe seed."""
+        """seeds.md: each seed against its random encoder, then the first seed's encoder under every probe seed."""
         margin = {h: [s['probes']['default'][h] - s['probes']['random'][h] for s in done] for h in HEADS}
         rows, mean = [], ['mean ± SD', fmt_mean([s['final_val'] for s in done], 4)]
         for i, s in enumerate(done):
@@ -690,9 +687,8 @@ class LrStudy(Study):
         self.plots(sweeps, tables)
 
     def length_stats(self, sweeps):
-        """AdamW and Muon at each length whose sweep has run, at the sweep's best lr:
-        {(optimizer, length): dict(lr, final: seed 0's, inside, finals: {seed: final val loss}, mean: of the finals,
-        probes: {seed: probes})}."""
+        """AdamW and Muon at each length at their sweep's best lr, {(optimizer, length): dict(lr, final: seed 0's,
+        inside, finals: {seed: final val loss}, mean: mean_sd of the finals, probes: {seed: probes})}."""
         stats = {}
         for iters in (self.length, 2 * self.length, 4 * self.length):
             for optimizer in ('adamw', 'muon'):
@@ -886,7 +882,7 @@ class TunedStudy(Study):
                 if n == 1:
                     values = knob.grid(setting) if callable(knob.grid) else knob.grid
                 else:  # the best and its neighbours in the previous pass's values
-                    ladder = sorted(grids[knob.key], key=knob.scale)
+                    ladder = sorted(grids[knob.key], key=knob.geometric)
                     i = ladder.index(setting[knob.key]) if setting[knob.key] in ladder else None
                     values = ladder[max(0, i - 1):i + 2] if i is not None else [setting[knob.key]]
                 best, done = self.sweep_knob(optimizer, iters, setting, knob, values, wait)
@@ -934,7 +930,7 @@ class TunedStudy(Study):
         out = {}
         for knob in KNOBS[optimizer][1:]:
             done, best = last[knob.key]
-            ladder = sorted(done, key=knob.scale)
+            ladder = sorted(done, key=knob.geometric)
             i = ladder.index(best)
             sides = [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
             value = min(sides, key=lambda v: done[v]['final_val'])
@@ -961,7 +957,8 @@ class TunedStudy(Study):
         (and, beside AdamW's short runs, per seed, a random encoder and the pixels: the floors);
         then, at 16x, one check of each other tuned knob."""
         for optimizer in self.optimizers:
-            settings = self.length_settings(optimizer)
+            trace = []
+            settings = self.length_settings(optimizer, trace=trace)
             for iters, setting in settings.items():
                 for seed in self.seeds:
                     run = self.setting_run(optimizer, setting, iters, seed)
@@ -971,8 +968,6 @@ class TunedStudy(Study):
                         self.probe(run, random_encoder=True)
                         self.probe(run, PIXELS)
             if 16 * self.length in settings:
-                trace = []
-                self.coordinate_tune(optimizer, self.length, wait=False, trace=trace)
                 for run in self.check_runs(optimizer, settings[16 * self.length], trace).values():
                     self.train(run)
 
