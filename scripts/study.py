@@ -376,8 +376,8 @@ class Study:
     def summaries(self):
         """Every finished run's summary, in name order."""
         folder = os.path.join(self.results, 'runs')
-        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        return [read_json(os.path.join(folder, name)) for name in names]
+        names = sorted(n for n in os.listdir(folder) if n.endswith('.json')) if os.path.isdir(folder) else []
+        return [read_json(os.path.join(folder, name)) for name in names]  # not a .json.tmp being written
 
     def seed_summaries(self, run):
         """The summaries of run at each of the seeds, where it has finished."""
@@ -471,15 +471,16 @@ class Study:
         summary = self.summary(run)
         if summary is None or key in summary['probes']:
             return
+        out_dir = os.path.join(self.out, run.name, 'probe_' + key)
+        args = [self.probe_config, f'--ckpt={os.path.join(self.out, run.name, "ckpt.pt")}', f'--out_dir={out_dir}',
+                f'--seed={run.seed}', f'--random_encoder={random_encoder}', *flags, *self.probe_args]
+        if self.dry_run:  # print it; take no lock (a dry run must not hide a run another process is probing)
+            self.execute('probe.py', args)
+            return
         with self.lock(run) as mine:
             if not mine:
                 return
-            out_dir = os.path.join(self.out, run.name, 'probe_' + key)
-            seconds = self.execute('probe.py', [self.probe_config, f'--ckpt={os.path.join(self.out, run.name, "ckpt.pt")}',
-                                                f'--out_dir={out_dir}', f'--seed={run.seed}',
-                                                f'--random_encoder={random_encoder}', *flags, *self.probe_args])
-            if self.dry_run:
-                return
+            seconds = self.execute('probe.py', args)
             results = read_json(os.path.join(out_dir, 'probe_results.json'))
             best = {head: max(r['top1'] for r in results['results'] if r['head'] == head)
                     for head in {r['head'] for r in results['results']}}
@@ -1109,8 +1110,8 @@ def main(argv):
     p.add_argument('--config', default=os.path.join(ROOT, 'config', 'study.py'))
     p.add_argument('--length', type=int, default=320, help='the short run length in optimizer steps')
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
-    p.add_argument('--optimizers', default=','.join(OPTIMIZERS))
-    p.add_argument('--tables', default=','.join(TABLES))
+    p.add_argument('--optimizers', default='', help=f"default: {','.join(OPTIMIZERS)}; the tuned study's: adamw,muon")
+    p.add_argument('--tables', default='', help=f"default: {','.join(TABLES)}; the tuned study's: blog,probe_optimizer")
     p.add_argument('--seeds', type=int, default=len(SEEDS))
     p.add_argument('--probe_config', default='config/probe_quickstart.py', help="probe.py's config file (the probe budget)")
     p.add_argument('--probe_args', default='', help='extra probe.py flags (after --probe_config)')
@@ -1119,13 +1120,17 @@ def main(argv):
     p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
     p.add_argument('--commit', action='store_true', help='git-commit each summary as it is written (--results in a repository)')
     a = p.parse_args(argv)
-    lrs, optimizers, tables = [float(x) for x in a.lrs.split(',')], a.optimizers.split(','), a.tables.split(',')
-    probe_args = shlex.split(a.probe_args)
-    for value, allowed, flag in ((optimizers, OPTIMIZERS, 'optimizers'), (tables, TABLES, 'tables')):
-        if set(value) - set(allowed):
-            sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed)}")
     phase = PHASES[a.phase]
     study = TunedStudy if phase in vars(TunedStudy).values() else LrStudy
+    tuned = study is TunedStudy  # it tunes AdamW and Muon (KNOBS) and has no papers' table
+    allowed = dict(optimizers=tuple(KNOBS) if tuned else OPTIMIZERS, tables=('blog', 'probe_optimizer') if tuned else TABLES)
+    lrs, probe_args = [float(x) for x in a.lrs.split(',')], shlex.split(a.probe_args)
+    optimizers, tables = ((getattr(a, flag) or ','.join(allowed[flag])).split(',') for flag in ('optimizers', 'tables'))
+    for value, flag in ((optimizers, 'optimizers'), (tables, 'tables')):
+        if set(value) - set(allowed[flag]):
+            sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed[flag])}")
+    if a.seeds < 1 or a.seeds - 1 not in T_975 and a.seeds > 1:
+        sys.exit(f"error: --seeds={a.seeds}: 1 to {max(T_975) + 1} (the paired t-test's table)")
     phase(study(*map(os.path.abspath, (a.config, a.results, a.out)), a.length, lrs, optimizers, tables, range(a.seeds),
                 a.probe_config, probe_args, train_args, a.dry_run, a.commit))
 

@@ -210,11 +210,11 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
         if target >= 0.310:
             return 2 ** ((0.332 - target) / 0.022)
         return 2 * 2 ** ((0.310 - target) / 0.020)
-    assert f"| 12 | 0.002, 0.3300 | 0.002, 0.2980 | 0.3320 ± 0.0028 (2) | 0.3000 ± 0.0028 (2) | -0.0320 * |" in text
+    assert "| 12 | 0.002, 0.3300 | 0.002, 0.2980 | 0.3320 ± 0.0028 (2) | 0.3000 ± 0.0028 (2) | -0.0320 * |" in text
     assert f"Estimate: **{expected(0.300):.2f}x** (from {expected(0.300 + noise):.2f}x" in text
     assert f"to {expected(0.300 - noise):.2f}x with it down" in text
     # the blog table: the two Muon rows with runs are compared with each other, beside the Δ to AdamW
-    assert f"| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
+    assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
     assert ("of 3 comparisons (1 each in val loss, attentive and linear top-1; about 0.1 marked by chance when "
             "nothing differs): Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.02200 *.") in text
     assert "| 12 | – | 0.500 ± 0.141 (2) | – | 0.600 ± 0.141 (2) |\n| 48 | 0.200 (1) | – | 0.300 (1) | – |" in text
