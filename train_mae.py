@@ -106,9 +106,7 @@ CHOICES = dict(crop_resize=('auto', 'loader', 'device'), norm=('layernorm', 'rms
 def check_config(c):
     """The run's settings that cannot work, caught before any work is done, each a one-line
     error naming the key; the model's and the data's own rules are ModelConfig's and DataConfig's."""
-    for key in CHOICES.keys() - {f.name for f in dataclasses.fields(ModelConfig)}:  # the model checks its own
-        if getattr(c, key) not in CHOICES[key]:
-            raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(CHOICES[key])}")
+    check_choices(c, CHOICES.keys() - {f.name for f in dataclasses.fields(ModelConfig)})  # the model checks its own
     ModelConfig.of(c)
     DataConfig.of(c)
     if not c.data_dir:
@@ -132,6 +130,12 @@ def check_config(c):
                               f"not --optimizer={c.optimizer}")
     if c.muon_conv and c.stem != 'conv':
         raise ConfigError("--muon_conv=True needs --stem=conv (the patch stem has no conv for Muon)")
+
+
+def check_choices(c, keys):
+    for key in sorted(keys):
+        if getattr(c, key) not in CHOICES[key]:
+            raise ConfigError(f"--{key}={getattr(c, key)!r}: must be one of {', '.join(CHOICES[key])}")
 
 
 # -----------------------------------------------------------------------------
@@ -163,9 +167,7 @@ class ModelConfig:
         return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self):  # the model's rules, each a one-line error naming the key
-        for key in (f.name for f in dataclasses.fields(self) if f.name in CHOICES):
-            if getattr(self, key) not in CHOICES[key]:
-                raise ConfigError(f"--{key}={getattr(self, key)!r}: must be one of {', '.join(CHOICES[key])}")
+        check_choices(self, [f.name for f in dataclasses.fields(self) if f.name in CHOICES])
         if self.img_size % self.patch_size:
             raise ConfigError(f"--img_size={self.img_size} is not divisible by --patch_size={self.patch_size}")
         if self.stem == 'conv' and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
