@@ -275,31 +275,43 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
     assert out['results'][0]['top1'] == top1 and 0 < top1 < 1
 
 
-def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path):
-    """--pixels=True: no encoder; the linear probe trains exactly as a plain loop of BatchNorm
-    (no affine) + one Linear on each image's flattened normalised pixels."""
-    argv = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=2', '--lrs=(1e-3,)', '--wds=(0.05,)', '--augment=False',
-                         '--pixels=True', '--head=linear']
-    out = probe.main(argv + [f'--out_dir={tmp_path}'])
-    assert out['encoder'] == 'pixels' and [r['head'] for r in out['results']] == ['linear']
-    c, _ = probe.load_config(argv)
+def plain_linear_probe_top1(c, features, width):
+    """One linear probe (BatchNorm without affine, one Linear: LinearProbes over a single token)
+    trained the textbook way on features(imgs) [n, width] of c's centre crops: lr 1e-3, weight
+    decay 0.05, 2 epochs of 96 images in batches of 32; its val top-1 on 40 images."""
     train_set, val_set = train_mae.build_datasets(c, num_patches=0)
     train_set.train = False
-    probes = probe.LinearProbes(1, 3 * 32 * 32, 10, c.seed)
+    probes = probe.LinearProbes(1, width, 10, c.seed)
     opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
-    pixels = lambda ds, idx: (data.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu').reshape(len(idx), 1, -1),
-                              torch.tensor([ds[k].labels for k in idx]))
+
+    def batch(ds, idx):
+        with torch.no_grad():
+            x = features(data.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu'))
+        return x.reshape(len(idx), 1, -1), torch.tensor([ds[k].labels for k in idx])
     total = 2 * (96 // 32)
-    for step, batch in enumerate(data.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
-        x, y = pixels(train_set, [(0, i) for _, i in batch])
+    for step, order in enumerate(data.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
+        x, y = batch(train_set, [(0, i) for _, i in order])
         F.cross_entropy(probes(x)[0], y).backward()
         opt.step(torch.tensor([1e-3]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0, 1 / 3))
         probes.zero_grad()
     probes.eval()
     with torch.no_grad():
-        x, y = pixels(val_set, [(0, i) for i in range(40)])
-        top1 = (probes(x)[0].argmax(-1) == y).double().mean().item()
-    assert out['results'][0]['top1'] == top1
+        x, y = batch(val_set, [(0, i) for i in range(40)])
+        return (probes(x)[0].argmax(-1) == y).double().mean().item()
+
+
+LINEAR_TINY = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=2', '--lrs=(1e-3,)', '--wds=(0.05,)',
+                            '--augment=False', '--head=linear']  # what plain_linear_probe_top1 trains
+
+
+def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path):
+    """--pixels=True: no encoder; the linear probe trains exactly as a plain loop of BatchNorm
+    (no affine) + one Linear on each image's flattened normalised pixels."""
+    argv = LINEAR_TINY + ['--pixels=True']
+    out = probe.main(argv + [f'--out_dir={tmp_path}'])
+    assert out['encoder'] == 'pixels' and [r['head'] for r in out['results']] == ['linear']
+    c, _ = probe.load_config(argv)
+    assert out['results'][0]['top1'] == plain_linear_probe_top1(c, lambda imgs: imgs, 3 * 32 * 32)
     with pytest.raises(SystemExit, match='--pixels=True probes the pixels with the linear head alone'):
         probe.load_config(PROBE_TINY + ['--pixels=True', '--head=both'])
 
@@ -307,31 +319,13 @@ def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path
 def test_flatten_linear_probe_is_a_logistic_regression_on_all_tokens(tmp_path):
     """--linear_pool=flatten: the linear probe trains exactly as a plain loop of BatchNorm (no
     affine) + one Linear on each image's L x D encoder tokens concatenated, and differs from the mean."""
-    argv = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=2', '--lrs=(1e-3,)', '--wds=(0.05,)', '--augment=False',
-                         '--head=linear']
-    flat = probe.main(argv + ['--linear_pool=flatten', f'--out_dir={tmp_path}'])
-    mean = probe.main(argv + [f'--out_dir={tmp_path}'])
-    c, _ = probe.load_config(argv)
+    flat = probe.main(LINEAR_TINY + ['--linear_pool=flatten', f'--out_dir={tmp_path}'])
+    mean = probe.main(LINEAR_TINY + [f'--out_dir={tmp_path}'])
+    c, _ = probe.load_config(LINEAR_TINY)
     torch.manual_seed(c.seed)
     model = train_mae.build_model(c).eval()
-    train_set, val_set = train_mae.build_datasets(c, num_patches=0)
-    train_set.train = False
-    probes = probe.LinearProbes(1, 16 * 64, 10, c.seed)  # the mean over one token of L * D features is those features
-    opt = probe.ProbeOptimizer(probes, torch.tensor([0.05]), torch.tensor([0.05]), 'adamw')
-    tokens = lambda ds, idx: (model.forward_features(data.to_device(torch.stack([ds[k].imgs for k in idx]), 'cpu'))
-                              .reshape(len(idx), 1, -1), torch.tensor([ds[k].labels for k in idx]))
-    total = 2 * (96 // 32)
-    for step, batch in enumerate(data.TrainBatches(96, 32, 32, 0, 1, c.seed, 0, total)):
-        with torch.no_grad():
-            x, y = tokens(train_set, [(0, i) for _, i in batch])
-        F.cross_entropy(probes(x)[0], y).backward()
-        opt.step(torch.tensor([1e-3]) * train_mae.lr_factor(step, total, 96 // 32, 'cosine', 0.0, 1 / 3))
-        probes.zero_grad()
-    probes.eval()
-    with torch.no_grad():
-        x, y = tokens(val_set, [(0, i) for i in range(40)])
-        top1 = (probes(x)[0].argmax(-1) == y).double().mean().item()
-    assert flat['results'][0]['top1'] == top1 != mean['results'][0]['top1']
+    assert flat['results'][0]['top1'] == plain_linear_probe_top1(c, model.forward_features, 16 * 64) \
+        != mean['results'][0]['top1']
     with pytest.raises(SystemExit, match="--linear_pool='max': must be one of mean, flatten"):
         probe.load_config(PROBE_TINY + ['--linear_pool=max'])
 
