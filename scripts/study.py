@@ -1129,7 +1129,7 @@ def main(argv):
     for value, flag in ((optimizers, 'optimizers'), (tables, 'tables')):
         if set(value) - set(allowed[flag]):
             sys.exit(f"error: --{flag}={','.join(value)}: choose from {','.join(allowed[flag])}")
-    if a.seeds < 1 or a.seeds - 1 not in T_975 and a.seeds > 1:
+    if not 1 <= a.seeds <= max(T_975) + 1:  # T_975 holds every degree of freedom from 1
         sys.exit(f"error: --seeds={a.seeds}: 1 to {max(T_975) + 1} (the paired t-test's table)")
     phase(study(*map(os.path.abspath, (a.config, a.results, a.out)), a.length, lrs, optimizers, tables, range(a.seeds),
                 a.probe_config, probe_args, train_args, a.dry_run, a.commit))
