@@ -6,7 +6,8 @@ on a GPU, resizes the crops there:
 - sources: an ImageFolder, or its packed copy (shards of re-encoded JPEGs, written by
   scripts/prepare_data.py with write_shard and read by PackedImages);
 - decode_crop: a JPEG decoded at the smallest DCT scale that keeps the crop's pixels,
-  and only the box plus bicubic's reach around it;
+  and only the box plus bicubic's reach around it; resize_crop: PIL's resize and flip
+  of it, or, with the resize on the device, the numbers resized_crops needs;
 - batches: TrainBatches (the order of a run, for any world size and resume point),
   collate, the val batches;
 - to_device: bytes to normalised floats on the device, with the crops resized there by
@@ -176,6 +177,19 @@ def resize_box(img, box, size):
     x0, y0, x1, y1 = box.tolist()
     img = img.resize((size, img.height), Image.BICUBIC, box=(x0, 0, x1, img.height))
     return img.resize((size, size), Image.BICUBIC, box=(0, y0, size, y1))
+
+
+def resize_crop(img, box, size, flip, on_device):
+    """(the crop, what is left to do on the device [7]): here, PIL's resize of the box and the
+    flip, leaving nothing ([0, 0, S, S, S, S, 0]: the whole image, unflipped); on_device, the
+    part as decoded with the box's x0, y0, w, h in it, its w and h and the flip, for resized_crops."""
+    if on_device:
+        crop = [*box[:2], *(box[2:] - box[:2]), *img.size, flip]  # spans in float32, as PIL computes them
+        return img, torch.tensor(crop, dtype=torch.float64)
+    img = resize_box(img, box, size)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img, torch.tensor([0, 0, size, size, size, size, 0], dtype=torch.float64)
 
 
 def read_skipping(source, i, read):

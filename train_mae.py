@@ -461,7 +461,7 @@ class MAEDataset(torch.utils.data.Dataset):
         epoch, i = key
         rng = np.random.default_rng([self.cfg.seed, self.train, epoch, i])
         noise = rng.random(self.num_patches, dtype=np.float32)
-        (img, label, crop), skipped = data.read_skipping(self.source, i, lambda j: self.load(j, rng))
+        (img, crop, label), skipped = data.read_skipping(self.source, i, lambda j: self.load(j, rng))
         return Sample(torch.from_numpy(np.array(img)), label, torch.from_numpy(noise), skipped, crop)
 
     def load(self, j, rng):
@@ -475,13 +475,7 @@ class MAEDataset(torch.utils.data.Dataset):
             x0, y0 = (W - w) / 2, (H - h) / 2
         flip = self.train and rng.random() < 0.5
         img, box = data.decode_crop(img, (x0, y0, w, h), S)  # only the pixels the resize reads
-        if self.resize_on_device:
-            crop = [*box[:2], *(box[2:] - box[:2]), *img.size, flip]  # spans in float32, as PIL computes them
-            return img, label, torch.tensor(crop, dtype=torch.float64)
-        img = data.resize_box(img, box, S)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img, label, torch.tensor([0, 0, S, S, S, S, 0], dtype=torch.float64)  # done: the whole image, unflipped
+        return (*data.resize_crop(img, box, S, flip, self.resize_on_device), label)
 
 
 def build_datasets(c, num_patches, resize_on_device=False):
@@ -563,12 +557,6 @@ def lr_factor(step, total, warmup, schedule, cooldown_frac, warmup_start):
     if step >= total - cooldown:  # reaches 0 at the final step
         return base * (total - 1 - step) / max(1, cooldown - 1) if cooldown > 1 else 0.0
     return base
-
-
-def run_schedule(c, train_images):
-    """step -> lr factor of the run of config c on a training set of train_images."""
-    total, warmup = run_length(c, train_images)
-    return lambda step: lr_factor(step, total, warmup, c.schedule, c.cooldown_frac, c.warmup_start)
 
 
 def run_length(c, train_images):
@@ -670,7 +658,10 @@ def main(argv):
     if len(train_set) < c.batch_size:
         raise ConfigError(f"--batch_size={c.batch_size} is larger than the training set ({len(train_set)} images)")
     total, warmup = run_length(c, len(train_set))
-    lr_at = run_schedule(c, len(train_set))  # step -> lr factor
+
+    def lr_at(step):  # the schedule's factor of the peak lr
+        return lr_factor(step, total, warmup, c.schedule, c.cooldown_frac, c.warmup_start)
+
     log(f"{len(train_set):,} train / {len(val_set):,} val images, {len(train_set) // c.batch_size} steps per epoch, "
         f"{total} steps ({warmup} warmup), {rt.world} process(es) x {accum} accumulation x {c.micro_batch_size} "
         f"= {c.batch_size}")

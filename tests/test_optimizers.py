@@ -134,7 +134,7 @@ def test_adamw_lr_sets_the_adamw_side_of_a_muon_run_and_only_it(tmp_path, adamw_
     T.main(TINY + [f'--out_dir={tmp_path}', '--max_iters=5', '--lr=3e-3', f'--adamw_lr={adamw_lr}'])
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     c = T.SimpleNamespace(**ckpt['config'])
-    factor = T.run_schedule(c, 256)(4)  # the last step's (step 4, 0-based) factor
+    factor = T.lr_factor(4, *T.run_length(c, 256), c.schedule, c.cooldown_frac, c.warmup_start)  # the last step's
     adamw, muon = ckpt['optimizers']
     assert [g['lr'] for g in muon['param_groups']] == [pytest.approx(3e-3 * factor)]
     assert [g['lr'] for g in adamw['param_groups']] == [pytest.approx((adamw_lr or 3e-3) * factor)] * 2
