@@ -275,10 +275,11 @@ def test_augment_false_encodes_once_and_trains_as_a_plain_loop(tmp_path, monkeyp
     assert out['results'][0]['top1'] == top1 and 0 < top1 < 1
 
 
-def plain_linear_probe_top1(c, features, width):
+def plain_linear_probe(c, features, width):
     """One linear probe (BatchNorm without affine, one Linear: LinearProbes over a single token)
     trained the textbook way on features(imgs) [n, width] of c's centre crops: lr 1e-3, weight
-    decay 0.05, 2 epochs of 96 images in batches of 32; its val top-1 on 40 images."""
+    decay 0.05, 2 epochs of 96 images in batches of 32. Returns (its val top-1 on 40 images,
+    the trained probe)."""
     train_set, val_set = train_mae.build_datasets(c, num_patches=0)
     train_set.train = False
     probes = probe.LinearProbes(1, width, 10, c.seed)
@@ -297,35 +298,60 @@ def plain_linear_probe_top1(c, features, width):
     probes.eval()
     with torch.no_grad():
         x, y = batch(val_set, [(0, i) for i in range(40)])
-        return (probes(x)[0].argmax(-1) == y).double().mean().item()
+        return (probes(x)[0].argmax(-1) == y).double().mean().item(), probes
+
+
+def recorded_linear_probes(monkeypatch):
+    """The LinearProbes probe.main makes, kept to compare their trained weights."""
+    made = []
+
+    class Recorded(probe.LinearProbes):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(probe, 'LinearProbes', Recorded)
+    return made
+
+
+def assert_same_probe(probes, plain):
+    """The same weights to float rounding (the features are flattened in another order of ops)."""
+    torch.testing.assert_close(probes.head_w.detach(), plain.head_w.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(probes.head_b.detach(), plain.head_b.detach(), rtol=1e-5, atol=1e-7)
 
 
 LINEAR_TINY = PROBE_TINY + ['--synthetic_size=(96,40)', '--epochs=2', '--lrs=(1e-3,)', '--wds=(0.05,)',
-                            '--augment=False', '--head=linear']  # what plain_linear_probe_top1 trains
+                            '--augment=False', '--head=linear']  # what plain_linear_probe trains
 
 
-def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path):
+def test_pixels_probe_is_a_logistic_regression_on_the_normalised_pixels(tmp_path, monkeypatch):
     """--pixels=True: no encoder; the linear probe trains exactly as a plain loop of BatchNorm
-    (no affine) + one Linear on each image's flattened normalised pixels."""
+    (no affine) + one Linear on each image's flattened normalised pixels: the same weights."""
+    made = recorded_linear_probes(monkeypatch)
     argv = LINEAR_TINY + ['--pixels=True']
     out = probe.main(argv + [f'--out_dir={tmp_path}'])
     assert out['encoder'] == 'pixels' and [r['head'] for r in out['results']] == ['linear']
     c, _ = probe.load_config(argv)
-    assert out['results'][0]['top1'] == plain_linear_probe_top1(c, lambda imgs: imgs, 3 * 32 * 32)
+    top1, plain = plain_linear_probe(c, lambda imgs: imgs, 3 * 32 * 32)
+    assert out['results'][0]['top1'] == top1
+    assert_same_probe(made[0], plain)
     with pytest.raises(SystemExit, match='--pixels=True probes the pixels with the linear head alone'):
         probe.load_config(PROBE_TINY + ['--pixels=True', '--head=both'])
 
 
-def test_flatten_linear_probe_is_a_logistic_regression_on_all_tokens(tmp_path):
+def test_flatten_linear_probe_is_a_logistic_regression_on_all_tokens(tmp_path, monkeypatch):
     """--linear_pool=flatten: the linear probe trains exactly as a plain loop of BatchNorm (no
-    affine) + one Linear on each image's L x D encoder tokens concatenated, and differs from the mean."""
+    affine) + one Linear on each image's L x D encoder tokens concatenated (the same weights),
+    and differs from the mean."""
+    made = recorded_linear_probes(monkeypatch)
     flat = probe.main(LINEAR_TINY + ['--linear_pool=flatten', f'--out_dir={tmp_path}'])
     mean = probe.main(LINEAR_TINY + [f'--out_dir={tmp_path}'])
     c, _ = probe.load_config(LINEAR_TINY)
     torch.manual_seed(c.seed)
     model = train_mae.build_model(c).eval()
-    assert flat['results'][0]['top1'] == plain_linear_probe_top1(c, model.forward_features, 16 * 64) \
-        != mean['results'][0]['top1']
+    top1, plain = plain_linear_probe(c, model.forward_features, 16 * 64)
+    assert flat['results'][0]['top1'] == top1 != mean['results'][0]['top1']
+    assert_same_probe(made[0], plain)
+    assert made[1].head_w.shape[-1] == 64  # the mean-pooled probe reads D features, not L x D
     with pytest.raises(SystemExit, match="--linear_pool='max': must be one of mean, flatten"):
         probe.load_config(PROBE_TINY + ['--linear_pool=max'])
 
