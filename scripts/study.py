@@ -55,7 +55,6 @@ import train_mae  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ('adamw', 'muon', 'lamb', 'adafactor')
 LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the first sweep, a factor of 2 apart; widened by 2x at an edge
-SEEDS = (0, 1, 2)
 HEADS = ('attentive', 'linear')  # the probe's heads
 PIXELS = ('--pixels=True', '--head=linear')  # the pixels through the linear probe: a floor of the tuned study
 
@@ -146,24 +145,19 @@ class Knob(NamedTuple):
         return 1 - value if self.key == 'beta2' else value
 
 
-def beyond(knob, values, edge):
-    """The next value past values' edge (min or max) at the ratio of the two values there,
-    or None where the edge is the knob's floor."""
-    if edge == min(values) and edge == knob.floor:
-        return None
-    g = knob.geometric
-    ordered = sorted(values, key=g)  # increasing in the space the grid is geometric in
-    first, second = (ordered[0], ordered[1]) if g(edge) == g(ordered[0]) else (ordered[-1], ordered[-2])
-    return float(f"{g(g(first) ** 2 / g(second)):.6g}")
-
-
 def bracket(knob, finals):
     """finals {value: final val loss} of a sweep: (best value, inside, the value to try next).
     The best is inside when values lie on both sides of it, or it sits on the knob's floor;
-    else the next value lies past the edge that holds it. The study's one bracketing rule."""
+    else the next value lies past the edge that holds it, at the ratio of the two values
+    there. The study's one bracketing rule."""
     best = min(finals, key=finals.get)
     inside = len(finals) > 1 and (min(finals) < best < max(finals) or best == knob.floor)
-    return best, inside, None if inside or len(finals) < 2 else beyond(knob, list(finals), best)
+    if inside or len(finals) < 2:
+        return best, inside, None
+    g = knob.geometric
+    ordered = sorted(finals, key=g)  # increasing in the space the grid is geometric in
+    first, second = (ordered[0], ordered[1]) if g(best) == g(ordered[0]) else (ordered[-1], ordered[-2])
+    return best, False, float(f"{g(g(first) ** 2 / g(second)):.6g}")
 
 
 LR = Knob('lr', LRS)
@@ -390,11 +384,9 @@ class Study:
             json.dump(summary, f, indent=1)
         os.replace(path + '.tmp', path)
         if self.commit:  # each summary lands as it is made: a machine that goes away loses at most the runs in progress
+            git = (['git', 'add', path], ['git', 'commit', '-q', '-m', f"study: {run.name}", '--', path])
             for attempt in range(10):  # the repository may be busy (another commit holds its index lock)
-                git = subprocess.run(['git', 'add', path], cwd=self.results, capture_output=True)
-                git = git.returncode or subprocess.run(['git', 'commit', '-q', '-m', f"study: {run.name}", '--', path],
-                                                        cwd=self.results, capture_output=True).returncode
-                if not git:
+                if not any(subprocess.run(cmd, cwd=self.results, capture_output=True).returncode for cmd in git):
                     break
                 time.sleep(5)
             else:
@@ -495,23 +487,22 @@ class Study:
         print('\n'.join(lines))
 
     def table_stats(self, name, run_of, floor):
-        """A table's rows, each {row, lr, runs, seeds: {metric: {seed: value}}, metric: its mean_sd or None,
-        edge: probes best on their grid's edge, probe_s}; run_of(row) -> its Run; floor {seed: random-encoder
-        probes}: a last row, but in the probe table."""
+        """A table's rows, each {row, lr, runs, probes: {seed: probes}, seeds: {metric: {seed: value}}, metric: its
+        mean_sd or None, edge: probes best on their grid's edge, probe_s}; run_of(row) -> its Run; floor {seed:
+        random-encoder probes}: a last row, but in the probe table."""
         stats = []
         for row in TABLES[name]:
             run, key = run_of(row), probe_key(row.probe)
             runs = self.seed_summaries(run)
-            probes = by_seed(runs, lambda r: r['probes'].get(key))
-            stats.append(dict(row=row, lr=run.lr, runs=runs, edge=sum(bool(p['warning']) for p in probes.values()),
-                              probe_s=sum(p['probe_s'] for p in probes.values()),
-                              seeds=dict(val=by_seed(runs, lambda r: r['final_val']), **{h: top1(probes, h) for h in HEADS})))
+            stats.append(dict(row=row, lr=run.lr, runs=runs, probes=by_seed(runs, lambda r: r['probes'].get(key))))
         if name != 'probe_optimizer':
-            stats.append(dict(row=Row('random encoder (floor)', 'muon'), lr=None, runs=[], edge=0,
-                              probe_s=sum(p['probe_s'] for p in floor.values()),
-                              seeds=dict(val={}, **{h: top1(floor, h) for h in HEADS})))
+            stats.append(dict(row=Row('random encoder (floor)', 'muon'), lr=None, runs=[], probes=floor))
         for s in stats:
-            s.update({key: mean_sd(list(s['seeds'][key].values())) if s['seeds'][key] else None for key, _ in METRICS})
+            runs, probes = s['runs'], s['probes']
+            s['seeds'] = dict(val=by_seed(runs, lambda r: r['final_val']), **{h: top1(probes, h) for h in HEADS})
+            s.update({key: mean_sd(list(v.values())) if v else None for key, v in s['seeds'].items()},
+                     edge=sum(bool(p['warning']) for p in probes.values()) if runs else 0,  # not the floor's
+                     probe_s=sum(p['probe_s'] for p in probes.values()))
         return stats
 
 
@@ -629,15 +620,13 @@ class LrStudy(Study):
 
     def seeds_report(self, done):
         """seeds.md: each seed against its random encoder, then the first seed's encoder under every probe seed."""
-        margin = {h: [s['probes']['default'][h] - s['probes']['random'][h] for s in done] for h in HEADS}
-        rows, mean = [], ['mean ± SD', fmt_mean([s['final_val'] for s in done], 4)]
-        for i, s in enumerate(done):
-            rows.append([str(s['seed']), f"{s['final_val']:.4f}"])
-            for h in HEADS:
-                rows[-1] += [f"{s['probes']['default'][h]:.3f}", f"{s['probes']['random'][h]:.3f}", f"{margin[h][i]:+.3f}"]
+        columns = []  # per head, each a value per seed: the encoder's top-1, the random encoder's, the margin
         for h in HEADS:
-            mean += [fmt_mean([s['probes'][k][h] for s in done], 3) for k in ('default', 'random')]
-            mean.append(fmt_mean(margin[h], 3))
+            top, floor = ([s['probes'][k][h] for s in done] for k in ('default', 'random'))
+            columns += [(top, '.3f'), (floor, '.3f'), ([t - f for t, f in zip(top, floor)], '+.3f')]
+        rows = [[str(s['seed']), f"{s['final_val']:.4f}"] + [f"{c[i]:{spec}}" for c, spec in columns]
+                for i, s in enumerate(done)]
+        mean = ['mean ± SD', fmt_mean([s['final_val'] for s in done], 4)] + [fmt_mean(c, 3) for c, _ in columns]
         lines = [f"# `{self.config_name}` over {len(done)} seeds", '',
                  f"{done[0]['optimizer']}, lr {done[0]['lr']:g}, {done[0]['iters']} steps; probes "
                  f"`{self.probe_command}`, probe seed = pretraining seed. Made by `python scripts/study.py seeds`.", '',
@@ -691,15 +680,14 @@ class LrStudy(Study):
         """AdamW and Muon at each length at their sweep's best lr, {(optimizer, length): dict(lr, final: seed 0's,
         inside, finals: {seed: final val loss}, mean: mean_sd of the finals, probes: {seed: probes})}."""
         stats = {}
-        for iters in (self.length, 2 * self.length, 4 * self.length):
-            for optimizer in ('adamw', 'muon'):
-                if (optimizer, iters) in sweeps:
-                    lr, final, inside = sweep_best(sweeps[optimizer, iters])
-                    runs = self.seed_summaries(Run(optimizer, lr, iters))
-                    finals = by_seed(runs, lambda r: r['final_val'])
-                    stats[optimizer, iters] = dict(lr=lr, final=final, inside=inside, finals=finals,
-                                                   mean=mean_sd(list(finals.values())),
-                                                   probes=by_seed(runs, lambda r: r['probes'].get('default')))
+        for (optimizer, iters), sweep in sweeps.items():  # by length, then optimizer
+            if optimizer in ('adamw', 'muon'):
+                lr, final, inside = sweep_best(sweep)
+                runs = self.seed_summaries(Run(optimizer, lr, iters))
+                finals = by_seed(runs, lambda r: r['final_val'])
+                stats[optimizer, iters] = dict(lr=lr, final=final, inside=inside, finals=finals,
+                                               mean=mean_sd(list(finals.values())),
+                                               probes=by_seed(runs, lambda r: r['probes'].get('default')))
         return stats
 
     def lengths_section(self, stats):
@@ -725,14 +713,13 @@ class LrStudy(Study):
                       (f"; a random encoder: attentive {fmt_mean(top1(floor, 'attentive').values(), 3)}, "
                        f"linear {fmt_mean(top1(floor, 'linear').values(), 3)}" if floor else '') + '.']
         mean = {k: s['mean'] for k, s in stats.items()}
-        adamw = [(n, mean[o, n][0]) for o, n in sorted(k for k, s in stats.items() if s['inside']) if o == 'adamw']
-        if ('muon', L) not in mean or not adamw:
+        lengths = sorted(n for o, n in stats if o == 'adamw' and stats[o, n]['inside'])
+        if ('muon', L) not in mean or not lengths:
             return lines
+        adamw = [(n, mean['adamw', n][0]) for n in lengths]
         sd = pooled_sd([m[1] for m in mean.values()])  # one run's seed noise, pooled over the rows above
-        n_target = mean['muon', L][2]
-        n_adamw = min(mean[o, n][2] for o, n in stats if o == 'adamw' and stats[o, n]['inside'])
-        target, noise = mean['muon', L][0], 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
-        lengths = [n for n, _ in adamw]
+        (target, _, n_target), n_adamw = mean['muon', L], min(mean['adamw', n][2] for n in lengths)
+        noise = 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
 
         def speedup(t):
             return fmt_speedup(steps_to_reach(adamw, t), L, lengths, why=True)
@@ -833,10 +820,9 @@ def with_lr(setting, lr):
 
 class TunedStudy(Study):
     def defaults(self, optimizer):
-        """The config's value of every knob of optimizer: the untuned setting."""
+        """The config of optimizer, its betas apart: every knob's untuned value."""
         c = harness.configure([self.config, f'--optimizer={optimizer}'], train_mae.CONFIG)
-        return dict(lr=c['lr'], beta2=c['betas'][1], weight_decay=c['weight_decay'], warmup_epochs=c['warmup_epochs'],
-                    adamw_lr=c['adamw_lr'], muon_weight_decay=c['muon_weight_decay'], beta1=c['betas'][0])
+        return dict(c, beta1=c['betas'][0], beta2=c['betas'][1])
 
     def setting_run(self, optimizer, setting, iters, seed=0):
         """The Run of a setting {knob: value}: a flag for each knob off the config's value (an
@@ -856,9 +842,9 @@ class TunedStudy(Study):
         in a report (wait=False), or never when waiting (another process's runs are polled)."""
         values = sorted({float(f"{v:.6g}") for v in values})
         make = make or (lambda setting, v: {**setting, knob.key: v})
+        fetch = self.train if wait else self.summary  # None: unfinished, or another process's
         while True:
-            runs = {v: self.setting_run(optimizer, make(setting, v), iters) for v in values}
-            done = {v: self.train(run) if wait else self.summary(run) for v, run in runs.items()}  # None: another's
+            done = {v: fetch(self.setting_run(optimizer, make(setting, v), iters)) for v in values}
             if any(s is None for s in done.values()):
                 if not wait or self.dry_run:
                     return None, {v: s for v, s in done.items() if s}
@@ -884,8 +870,8 @@ class TunedStudy(Study):
                     values = knob.grid(setting) if callable(knob.grid) else knob.grid
                 else:  # the best and its neighbours in the previous pass's values
                     ladder = sorted(grids[knob.key], key=knob.geometric)
-                    i = ladder.index(setting[knob.key]) if setting[knob.key] in ladder else None
-                    values = ladder[max(0, i - 1):i + 2] if i is not None else [setting[knob.key]]
+                    i = ladder.index(setting[knob.key])  # the best is one of the values swept
+                    values = ladder[max(0, i - 1):i + 2]
                 best, done = self.sweep_knob(optimizer, iters, setting, knob, values, wait)
                 if trace is not None:
                     trace.append((n, knob.key, done, best))
@@ -905,18 +891,18 @@ class TunedStudy(Study):
         previous length's best, bracketed). Stops at the first length not finished (report).
         trace: coordinate_tune's; lr_sweeps: a list that receives (iters, {lr: summary}, best)."""
         setting = self.coordinate_tune(optimizer, self.length, wait, trace)
-        out = {self.length: setting} if setting else {}
+        if setting is None:
+            return {}
+        out = {self.length: setting}
         for iters in (4 * self.length, 16 * self.length):
-            if setting is None:
-                break
             lr = setting['lr']
             best, done = self.sweep_knob(optimizer, iters, setting, KNOBS[optimizer][0], (lr / 2, lr, 2 * lr), wait,
                                          make=with_lr)
             if lr_sweeps is not None:
                 lr_sweeps.append((iters, done, best))
-            setting = with_lr(setting, best) if best is not None else None
-            if setting:
-                out[iters] = setting
+            if best is None:
+                break
+            setting = out[iters] = with_lr(setting, best)
         return out
 
     def tuned_at(self, iters):
@@ -1010,25 +996,18 @@ class TunedStudy(Study):
                       if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
         runs_at = {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
                    for n in (L, 4 * L, 16 * L) for o in ('adamw', 'muon')}
-        floors = self.tuned_floors(settings)
+        floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
+                  for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)))}
         lines += self.lengths_section(settings, runs_at, lr_sweeps)
         lines += self.checks_section(settings, traces)
         lines += self.speedup_section(runs_at)
         lines += self.probes_section(runs_at, floors) + ['']
         at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
-        for name in (n for n in self.tables if n != 'papers'):
-            if None not in at.values():
+        if None not in at.values():
+            for name in self.tables:
                 stats = self.table_stats(name, lambda row: self.row_run(row, at), floors['random'])
                 lines += [f"## {name}, at {4 * L} steps", '', fmt_table(stats, name != 'probe_optimizer'), '']
         self.write('study.md', lines)
-
-    def tuned_floors(self, settings):
-        """The probes' floors of the tuned study, {'random': {seed: probes}, 'pixels': {seed: probes}}:
-        probed beside AdamW's runs at its tuned short-length setting (scale)."""
-        setting = settings['adamw'].get(self.length)
-        runs = self.seed_summaries(self.setting_run('adamw', setting, self.length)) if setting else []
-        return {name: by_seed(runs, lambda r: r['probes'].get(key))
-                for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)))}
 
     def lengths_section(self, settings, runs_at, lr_sweeps):
         """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
@@ -1036,7 +1015,7 @@ class TunedStudy(Study):
         rows = []
         for n in (self.length, 4 * self.length, 16 * self.length):
             finals = {o: by_seed(runs_at[o, n], lambda r: r['final_val']) for o in ('adamw', 'muon')}
-            rows.append([str(n)] + [f"{settings[o][n]['lr']:g}, {fmt(mean_sd(list(finals[o].values())), 4)}"
+            rows.append([str(n)] + [f"{settings[o][n]['lr']:g}, {fmt_mean(finals[o].values(), 4)}"
                                     if runs_at[o, n] else '–' for o in ('adamw', 'muon')] +
                         [fmt_delta(finals['muon'], finals['adamw'], 4)])
         return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
@@ -1090,10 +1069,10 @@ class TunedStudy(Study):
                  f"linear {fmt_mean(top1(floor['random'], 'linear').values(), 3)})"
                  f" and the pixels through the linear probe (a logistic regression: "
                  f"{fmt_mean(top1(floor['pixels'], 'linear').values(), 3)}). Margins over the floors, paired by seed:", '']
+        margins = [('random', h) for h in HEADS] + [('pixels', 'linear')]  # (floor, head)
         for (optimizer, iters), probes in probed.items():
             if top1(probes, 'linear'):
-                vs = [f"random {h} {fmt_delta(top1(probes, h), top1(floor['random'], h), 3)}" for h in HEADS]
-                vs.append(f"pixels linear {fmt_delta(top1(probes, 'linear'), top1(floor['pixels'], 'linear'), 3)}")
+                vs = [f"{f} {h} {fmt_delta(top1(probes, h), top1(floor[f], h), 3)}" for f, h in margins]
                 lines.append(f"- {optimizer}, {iters} steps: {'; '.join(vs)}")
         return lines
 
@@ -1112,7 +1091,7 @@ def main(argv):
     p.add_argument('--lrs', default=','.join(f'{lr:g}' for lr in LRS), help='the first sweep grid')
     p.add_argument('--optimizers', default='', help=f"default: {','.join(OPTIMIZERS)}; the tuned study's: adamw,muon")
     p.add_argument('--tables', default='', help=f"default: {','.join(TABLES)}; the tuned study's: blog,probe_optimizer")
-    p.add_argument('--seeds', type=int, default=len(SEEDS))
+    p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--probe_config', default='config/probe_quickstart.py', help="probe.py's config file (the probe budget)")
     p.add_argument('--probe_args', default='', help='extra probe.py flags (after --probe_config)')
     p.add_argument('--results', default=os.path.join(ROOT, 'results', 'study'), help='summaries, tables, plots')
