@@ -18,6 +18,7 @@ The tuned study (config/fmnist.py; every optimizer tuned beyond the lr, docs/stu
     python scripts/study.py tune --config=config/fmnist.py --length=300 --optimizers=adamw   # (and muon) KNOBS,
                                       #    one at a time, until each best is inside its grid
     python scripts/study.py scale ...  # the lr re-tuned at 4x and 16x, 3 seeds each, probed; one check per knob
+    python scripts/study.py probes ... # scale's probes alone (a probe added after scale started)
     python scripts/study.py rows ...   # the blog's rows at 4x, each optimizer at its tuned setting there
     python scripts/study.py report_tuned ...   # -> the --results folder's study.md
 
@@ -57,6 +58,7 @@ OPTIMIZERS = ('adamw', 'muon', 'lamb', 'adafactor')
 LRS = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # the first sweep, a factor of 2 apart; widened by 2x at an edge
 HEADS = ('attentive', 'linear')  # the probe's heads
 PIXELS = ('--pixels=True', '--head=linear')  # the pixels through the linear probe: a floor of the tuned study
+FLATTEN = ('--linear_pool=flatten', '--head=linear')  # the linear probe on all tokens: like for like with PIXELS
 
 
 class Row(NamedTuple):
@@ -280,11 +282,15 @@ def markdown_table(header, rows):
     return ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
 
 
-def probe_table(probed, lengths):
-    """AdamW's and Muon's best top-1 per head at each length; probed {(optimizer, length): {seed: probes}}."""
-    return markdown_table(['steps', 'attentive: AdamW', 'attentive: Muon', 'linear: AdamW', 'linear: Muon'],
-                          [[str(n)] + [fmt_mean(top1(probed.get((o, n), {}), h).values(), 3)
-                                       for h in HEADS for o in ('adamw', 'muon')] for n in lengths])
+def probe_table(probed, lengths, flat=None):
+    """AdamW's and Muon's best top-1 per head at each length; probed {(optimizer, length): {seed: probes}};
+    flat: the same of the linear probe on all tokens, as two more columns."""
+    columns = [(f'{h}: {name}', probed, o, h) for h in HEADS for o, name in (('adamw', 'AdamW'), ('muon', 'Muon'))]
+    columns += [(f'all tokens, linear: {name}', flat, o, 'linear') for o, name in (('adamw', 'AdamW'), ('muon', 'Muon'))
+                if flat is not None]
+    return markdown_table(['steps'] + [c[0] for c in columns],
+                          [[str(n)] + [fmt_mean(top1(p.get((o, n), {}), h).values(), 3) for _, p, o, h in columns]
+                           for n in lengths])
 
 
 METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: key, digits
@@ -941,8 +947,7 @@ class TunedStudy(Study):
     def scale(self):
         """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
         16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
-        (and, beside AdamW's short runs, per seed, a random encoder and the pixels: the floors);
-        then, at 16x, one check of each other tuned knob."""
+        (probe_final); then, at 16x, one check of each other tuned knob."""
         for optimizer in self.optimizers:
             trace = []
             settings = self.length_settings(optimizer, trace=trace)
@@ -950,13 +955,29 @@ class TunedStudy(Study):
                 for seed in self.seeds:
                     run = self.setting_run(optimizer, setting, iters, seed)
                     self.train(run)
-                    self.probe(run)
-                    if iters == self.length and optimizer == 'adamw':  # the floors, once per seed (beside AdamW's runs)
-                        self.probe(run, random_encoder=True)
-                        self.probe(run, PIXELS)
+                    self.probe_final(run)
             if 16 * self.length in settings:
                 for run in self.check_runs(optimizer, settings[16 * self.length], trace).values():
                     self.train(run)
+
+    def probes(self):
+        """scale's probes alone, of every final encoder finished so far: for a probe added to the
+        protocol after scale started (run it from its own worktree beside scale's)."""
+        for optimizer in self.optimizers:
+            for iters, setting in self.length_settings(optimizer, wait=False).items():
+                for seed in self.seeds:
+                    self.probe_final(self.setting_run(optimizer, setting, iters, seed))
+
+    def probe_final(self, run):
+        """A final encoder probed: both heads, and the linear head on all its tokens (FLATTEN); beside
+        AdamW's short runs, per seed, the floors: a random encoder read both ways, and the pixels."""
+        floors = run.optimizer == 'adamw' and run.iters == self.length
+        for flags in ((), FLATTEN):
+            self.probe(run, flags)
+            if floors:
+                self.probe(run, flags, random_encoder=True)
+        if floors:
+            self.probe(run, PIXELS)
 
     def rows(self):
         """The tuned study's tables (--tables; the blog's rows and its probe experiment) at 4x the
@@ -997,7 +1018,8 @@ class TunedStudy(Study):
         runs_at = {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
                    for n in (L, 4 * L, 16 * L) for o in ('adamw', 'muon')}
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
-                  for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)))}
+                  for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
+                                    ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
         lines += self.lengths_section(settings, runs_at, lr_sweeps)
         lines += self.checks_section(settings, traces)
         lines += self.speedup_section(runs_at)
@@ -1061,25 +1083,30 @@ class TunedStudy(Study):
     def probes_section(self, runs_at, floor):
         """Every length's encoders probed, and their margins over the floors, paired by seed."""
         probed = {k: by_seed(runs, lambda r: r['probes'].get('default')) for k, runs in runs_at.items()}
+        flat = {k: by_seed(runs, lambda r: r['probes'].get(probe_key(FLATTEN))) for k, runs in runs_at.items()}
         if not any(probed.values()):
             return []
-        lines = ['', *probe_table(probed, (self.length, 4 * self.length, 16 * self.length)),
-                 '', "Best probe top-1, mean ± sample SD (n). Floors, per seed: a random encoder (attentive "
+        lines = ['', *probe_table(probed, (self.length, 4 * self.length, 16 * self.length), flat),
+                 '', "Best probe top-1, mean ± sample SD (n); linear = on the mean of the tokens, all tokens = on "
+                 "them concatenated. Floors, per seed: a random encoder (attentive "
                  f"{fmt_mean(top1(floor['random'], 'attentive').values(), 3)}, "
-                 f"linear {fmt_mean(top1(floor['random'], 'linear').values(), 3)})"
+                 f"linear {fmt_mean(top1(floor['random'], 'linear').values(), 3)}, "
+                 f"all tokens {fmt_mean(top1(floor['random_flat'], 'linear').values(), 3)})"
                  f" and the pixels through the linear probe (a logistic regression: "
-                 f"{fmt_mean(top1(floor['pixels'], 'linear').values(), 3)}). Margins over the floors, paired by seed:", '']
-        margins = [('random', h) for h in HEADS] + [('pixels', 'linear')]  # (floor, head)
+                 f"{fmt_mean(top1(floor['pixels'], 'linear').values(), 3)}; like for like with all tokens). "
+                 "Margins over the floors, paired by seed:", '']
         for (optimizer, iters), probes in probed.items():
             if top1(probes, 'linear'):
-                vs = [f"{f} {h} {fmt_delta(top1(probes, h), top1(floor[f], h), 3)}" for f, h in margins]
+                vs = [f"random {h} {fmt_delta(top1(probes, h), top1(floor['random'], h), 3)}" for h in HEADS]
+                vs += [f"{name} {fmt_delta(top1(flat[optimizer, iters], 'linear'), top1(floor[f], 'linear'), 3)}"
+                       for name, f in (('random all tokens', 'random_flat'), ('pixels all tokens', 'pixels'))]
                 lines.append(f"- {optimizer}, {iters} steps: {'; '.join(vs)}")
         return lines
 
 
 PHASES = dict(sweep=LrStudy.sweep, lengths=LrStudy.lengths, long=LrStudy.long, tables=LrStudy.train_tables,
               report=LrStudy.report, seeds=LrStudy.train_seeds, tune=TunedStudy.tune, scale=TunedStudy.scale,
-              rows=TunedStudy.rows, report_tuned=TunedStudy.report_tuned)  # each a method of its study
+              probes=TunedStudy.probes, rows=TunedStudy.rows, report_tuned=TunedStudy.report_tuned)  # each a method of its study
 
 
 def main(argv):

@@ -335,10 +335,11 @@ def test_with_lr_keeps_an_untied_adamw_side_in_ratio():
     assert S.with_lr(dict(lr=1e-2, adamw_lr=0.0), 4e-2) == dict(lr=4e-2, adamw_lr=0.0)  # tied stays tied
 
 
-def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_checks(tmp_path):
+def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_checks(tmp_path, capsys):
     """A whole tuned study made up: both optimizers tuned (report mode, summaries written as
     asked), every length's setting at 3 seeds with probes and the floors; the report's lines
-    must be what the formulas give."""
+    must be what the formulas give. The probes phase then asks for the all-token probe of
+    every final encoder, and for its random-encoder floor beside AdamW's short runs alone."""
     import math
     S, a = made_up_study(tmp_path)
     a.seeds, a.probe_config, a.probe_args, a.tables = range(3), 'config/probe_fmnist.py', [], ['blog']
@@ -376,6 +377,25 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
             if a.summary(run) is None:
                 a.save(run, dict(run._asdict(), name=run.name, curve={}, train_s=1.0, probes={}, final_val=loss(
                     run._replace(flags=())) + (0.002 + 0.0001 * seed) * ('--bias=False' in run.flags)))
+    a.dry_run, a.optimizers = True, ['adamw', 'muon']
+    capsys.readouterr()
+    a.probes()
+    asked = [line for line in capsys.readouterr().out.splitlines() if line.startswith('$ ')]
+    assert len(asked) == 2 * 3 * 3 + 3 and all('--linear_pool=flatten --head=linear' in line for line in asked)
+    floors = [line for line in asked if '--random_encoder=True' in line]
+    assert len(floors) == 3 and all('adamw_lr0.008_len12_' in line for line in floors)
+    a.dry_run = False
+    for optimizer in ('adamw', 'muon'):  # all tokens: Muon 0.05 above AdamW; the floors per seed
+        for iters, setting in a.length_settings(optimizer, wait=False).items():
+            for seed in (0, 1, 2):
+                run = a.setting_run(optimizer, setting, iters, seed)
+                s = a.summary(run)
+                s['probes'][S.probe_key(S.FLATTEN)] = dict(linear=0.85 + 0.05 * (optimizer == 'muon') + 0.02 * seed,
+                                                           warning='', probe_s=1.0)
+                if optimizer == 'adamw' and iters == 12:
+                    s['probes'][S.probe_key(S.FLATTEN, random_encoder=True)] = dict(
+                        linear=0.82 + 0.01 * seed, warning='', probe_s=1.0)
+                a.save(run, s)
     a.report_tuned()
     text = (tmp_path / 'results' / 'study.md').read_text()
     assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.032 | 0.25410 ± 0.00210 (3) | -0.04790 * |" in text
@@ -391,9 +411,14 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
             in text), text
     # the checks: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001 (do not hold)
     assert text.count('the short length\'s value holds') == 3 and text.count('DOES NOT HOLD') == 3
-    # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s
-    assert "- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; pixels linear -0.180 *" in text
-    assert "- muon, 192 steps: random attentive +0.310 *; random linear +0.510 *; pixels linear -0.080 *" in text
+    # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s;
+    # all tokens 0.85 + 0.02 s against a random encoder's 0.82 + 0.01 s and the pixels' 0.8
+    assert ("- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; random all tokens +0.040 *; "
+            "pixels all tokens +0.070 *") in text
+    assert ("- muon, 192 steps: random attentive +0.310 *; random linear +0.510 *; random all tokens +0.090 *; "
+            "pixels all tokens +0.120 *") in text
+    assert "| 192 | 0.510 ± 0.010 (3) | 0.610 ± 0.010 (3) | 0.620 ± 0.020 (3) | 0.720 ± 0.020 (3) | 0.870 ± 0.020 (3) " \
+        "| 0.920 ± 0.020 (3) |" in text
 
 
 def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypatch):
