@@ -1067,18 +1067,23 @@ class TunedStudy(Study):
                 ''] + checked if checked else []
 
     def speedup_section(self, runs_at):
-        """Muon's speedup by every rule of INTERPOLATIONS, from the seed means."""
+        """Muon's speedup at the short length and at 4x it, by every rule of INTERPOLATIONS, from the seed means."""
         L = self.length
         means = {k: mean_sd([r['final_val'] for r in runs])[0] for k, runs in runs_at.items() if runs}
         adamw = [(n, means['adamw', n]) for n in (L, 4 * L, 16 * L) if ('adamw', n) in means]
         if ('muon', L) not in means or not adamw:
             return []
-        target, lengths = means['muon', L], [n for n, _ in adamw]
-        return ['', f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at {L} steps "
-                f"({target:.4f}), over {L}, by rule of interpolation between AdamW's seed means at "
-                f"{', '.join(map(str, lengths))} steps: " +
-                '; '.join(f"{rule} {fmt_speedup(steps_to_reach(adamw, target, rule), L, lengths)}"
-                          for rule in INTERPOLATIONS) + '.']
+        lengths = [n for n, _ in adamw]
+
+        def speedups(n):  # at Muon's length n
+            return '; '.join(f"{rule} {fmt_speedup(steps_to_reach(adamw, means['muon', n], rule), n, lengths)}"
+                             for rule in INTERPOLATIONS) + '.'
+        text = (f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at {L} steps "
+                f"({means['muon', L]:.4f}), over {L}, by rule of interpolation between AdamW's seed means at "
+                f"{', '.join(map(str, lengths))} steps: " + speedups(L))
+        if ('muon', 4 * L) in means:
+            text += f" At {4 * L} steps ({means['muon', 4 * L]:.4f}), over {4 * L}: " + speedups(4 * L)
+        return ['', text]
 
     def probes_section(self, runs_at, floor):
         """Every length's encoders probed, and their margins over the floors, paired by seed."""

@@ -409,6 +409,8 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
                      * math.log(4))
     assert (f"log-linear {log_linear / 12:.2f}x; linear {linear / 12:.2f}x; power law {power / 12:.2f}x."
             in text), text
+    # at 48 steps Muon's 0.252 is AdamW's at 192: 4x by every rule
+    assert " At 48 steps (0.2520), over 48: log-linear 4.00x; linear 4.00x; power law 4.00x." in text
     # the checks: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001 (do not hold)
     assert text.count('the short length\'s value holds') == 3 and text.count('DOES NOT HOLD') == 3
     # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s;
