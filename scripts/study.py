@@ -476,7 +476,8 @@ class Study:
             self.execute('probe.py', args)
             return
         with self.lock(run) as mine:
-            if not mine:
+            summary = self.summary(run)  # as it is now: another process may have saved a probe since
+            if not mine or key in summary['probes']:
                 return
             seconds = self.execute('probe.py', args)
             results = read_json(os.path.join(out_dir, 'probe_results.json'))

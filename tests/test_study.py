@@ -1,6 +1,7 @@
 """scripts/study.py end to end on a tiny config: the sweep widens its grid until the
 best lr is inside, an interrupted run resumes from its checkpoint, and finished runs
 are never run again."""
+import contextlib
 import json
 import os
 import signal
@@ -447,3 +448,38 @@ def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypa
     assert sorted(a.sweep_summaries('adamw', 12)) == [1e-3, 2e-3, 4e-3, 8e-3]
     assert a.tuned_lr('adamw', 12) == 4e-3 and S.sweep_best(a.sweep_summaries('adamw', 12)) == (4e-3, 0.3, True)
     assert a.unready_tables() == {'blog': ['muon']}
+
+
+def test_a_probe_keeps_what_another_process_saved_before_it_took_the_lock(tmp_path, monkeypatch):
+    """Two study processes probe the same run (scale and probes): the summary is read again under
+    the lock, so a probe saved by the other process in between is neither lost nor run twice."""
+    S, a = made_up_study(tmp_path)
+    run = S.Run('adamw', 1e-3, 12)
+    a.save(run, dict(run._asdict(), name=run.name, final_val=0.5, curve={}, train_s=1.0, probes={}))
+    lock, saved_by_the_other = a.lock, []
+    other = dict(linear=0.7, warning='', probe_s=1.0)
+
+    @contextlib.contextmanager
+    def lock_after_the_other(run):  # the other process saves its probe, then releases the lock we take
+        s = a.summary(run)
+        s['probes'][saved_by_the_other.pop()] = other
+        a.save(run, s)
+        with lock(run) as mine:
+            yield mine
+    ran = []
+
+    def fake_probe(script, args):  # writes what probe.py would
+        out_dir = next(x.split('=', 1)[1] for x in args if x.startswith('--out_dir='))
+        os.makedirs(out_dir, exist_ok=True)
+        ran.append(out_dir)
+        with open(os.path.join(out_dir, 'probe_results.json'), 'w') as f:
+            json.dump(dict(results=[dict(head='linear', top1=0.8)]), f)
+        return 2.0
+    monkeypatch.setattr(a, 'lock', lock_after_the_other)
+    monkeypatch.setattr(a, 'execute', fake_probe)
+    saved_by_the_other.append('random')
+    a.probe(run)
+    assert a.summary(run)['probes'] == dict(random=other, default=dict(linear=0.8, warning='', probe_s=2.0))
+    saved_by_the_other.append(S.probe_key(S.FLATTEN))
+    a.probe(run, S.FLATTEN)  # the other process probed this one meanwhile: not run again
+    assert len(ran) == 1 and a.summary(run)['probes'][S.probe_key(S.FLATTEN)] == other
