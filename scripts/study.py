@@ -285,9 +285,10 @@ def markdown_table(header, rows):
 def probe_table(probed, lengths, flat=None):
     """AdamW's and Muon's best top-1 per head at each length; probed {(optimizer, length): {seed: probes}};
     flat: the same of the linear probe on all tokens, as two more columns."""
-    columns = [(f'{h}: {name}', probed, o, h) for h in HEADS for o, name in (('adamw', 'AdamW'), ('muon', 'Muon'))]
-    columns += [(f'all tokens, linear: {name}', flat, o, 'linear') for o, name in (('adamw', 'AdamW'), ('muon', 'Muon'))
-                if flat is not None]
+    names = (('adamw', 'AdamW'), ('muon', 'Muon'))
+    columns = [(f'{h}: {name}', probed, o, h) for h in HEADS for o, name in names]
+    if flat is not None:
+        columns += [(f'all tokens, linear: {name}', flat, o, 'linear') for o, name in names]
     return markdown_table(['steps'] + [c[0] for c in columns],
                           [[str(n)] + [fmt_mean(top1(p.get((o, n), {}), h).values(), 3) for _, p, o, h in columns]
                            for n in lengths])
@@ -525,7 +526,10 @@ class LrStudy(Study):
     def tuned_lr(self, optimizer, iters):
         """The best lr of the sweep at iters steps if it is inside, else None (not run yet, or being widened)."""
         runs = self.sweep_summaries(optimizer, iters)
-        return sweep_best(runs)[0] if runs and sweep_best(runs)[2] else None
+        if not runs:
+            return None
+        best, _, inside = sweep_best(runs)
+        return best if inside else None
 
     def best_lr(self, optimizer, iters):
         """tuned_lr, or an exit where it is unfinished."""
@@ -952,11 +956,9 @@ class TunedStudy(Study):
         for optimizer in self.optimizers:
             trace = []
             settings = self.length_settings(optimizer, trace=trace)
-            for iters, setting in settings.items():
-                for seed in self.seeds:
-                    run = self.setting_run(optimizer, setting, iters, seed)
-                    self.train(run)
-                    self.probe_final(run)
+            for run in self.final_runs(optimizer, settings):
+                self.train(run)
+                self.probe_final(run)
             if 16 * self.length in settings:
                 for run in self.check_runs(optimizer, settings[16 * self.length], trace).values():
                     self.train(run)
@@ -965,9 +967,13 @@ class TunedStudy(Study):
         """scale's probes alone, of every final encoder finished so far: for a probe added to the
         protocol after scale started (run it from its own worktree beside scale's)."""
         for optimizer in self.optimizers:
-            for iters, setting in self.length_settings(optimizer, wait=False).items():
-                for seed in self.seeds:
-                    self.probe_final(self.setting_run(optimizer, setting, iters, seed))
+            for run in self.final_runs(optimizer, self.length_settings(optimizer, wait=False)):
+                self.probe_final(run)
+
+    def final_runs(self, optimizer, settings):
+        """The runs of each length's tuned setting (settings {iters: setting}) at every seed, length by length."""
+        return [self.setting_run(optimizer, setting, iters, seed) for iters, setting in settings.items()
+                for seed in self.seeds]
 
     def probe_final(self, run):
         """A final encoder probed: both heads, and the linear head on all its tokens (FLATTEN); beside
