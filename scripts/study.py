@@ -263,12 +263,12 @@ def fmt_sweep(runs, best):
                      for v in sorted(runs))
 
 
-def fmt_speedup(steps, short, lengths, why=False):
+def fmt_speedup(steps, short, lengths):
     """steps_to_reach's answer over the short length; None and 0 as bounds of the AdamW lengths."""
     if steps is None:
-        return f"more than {max(lengths) / short:g}x" + (' (no AdamW length reaches it)' if why else '')
+        return f"more than {max(lengths) / short:g}x"
     if steps == 0:
-        return f"at most {min(lengths) / short:g}x" + (' (every AdamW length reaches it)' if why else '')
+        return f"at most {min(lengths) / short:g}x"
     return f"{steps / short:.2f}x"
 
 
@@ -292,6 +292,52 @@ def probe_table(probed, lengths, flat=None):
     return markdown_table(['steps'] + [c[0] for c in columns],
                           [[str(n)] + [fmt_mean(top1(p.get((o, n), {}), h).values(), 3) for _, p, o, h in columns]
                            for n in lengths])
+
+
+def versus_lines(at, lengths):
+    """AdamW against Muon at each of lengths, each at its own tuned lr, paired by seed; then Muon's
+    speedup. at {(optimizer, length): dict(lr, inside: its sweep's best is inside, finals: {seed: final val})}."""
+    rows = []
+    for n in lengths:
+        adamw, muon = (at.get((o, n)) for o in ('adamw', 'muon'))
+        rows.append([str(n)] + [f"{s['lr']:g}{'' if s['inside'] else ' (best on the edge)'}, "
+                                f"{fmt_mean(s['finals'].values(), 4)}" if s else '–' for s in (adamw, muon)] +
+                    [fmt_delta(muon['finals'], adamw['finals'], 4) if adamw and muon else '–'])
+    mean = {k: mean_sd(list(s['finals'].values())) for k, s in at.items() if s['finals']}
+    sd = pooled_sd([m[1] for m in mean.values()])  # one run's seed noise
+    shared = [len(set(at['adamw', n]['finals']) & set(at['muon', n]['finals'])) for n in lengths
+              if ('adamw', n) in at and ('muon', n) in at]  # the seeds each comparison pairs
+    paired = max(shared, default=0)
+    lines = [*markdown_table(['steps', 'AdamW: lr, final val (seeds)', 'Muon: lr, final val (seeds)',
+                              'Muon - AdamW (paired)'], rows),
+             '', "Final val loss at the lr, mean ± sample SD (n); Muon - AdamW is the mean of the seed-by-seed "
+             "differences, * where a paired t-test rejects no difference at 5% two-sided (1 in 20 when nothing "
+             f"differs; comparisons made: {len(shared)})." + (f" With {paired} seeds and the seed SD pooled over the cells "
+             f"({sd:.4f}), it marks differences above about {resolution([sd], paired):.4f}." if paired > 1 else '')]
+    adamw = [(n, mean['adamw', n][0]) for n in lengths if ('adamw', n) in mean and at['adamw', n]['inside']]
+    targets = [n for n in lengths if ('muon', n) in mean]
+    if not adamw or not targets:
+        return lines
+    adamw_lengths, n_adamw = [n for n, _ in adamw], min(mean['adamw', n][2] for n, _ in adamw)
+    lines += ['', f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at a length, "
+              f"over that length, interpolated between AdamW's seed means at {', '.join(map(str, adamw_lengths))} "
+              f"steps (seeds each: at least {n_adamw}) by each rule: log-linear (the loss straight in log(steps)), "
+              "linear, power law (log(loss) straight in log(steps)). In brackets the log-linear answer with the "
+              f"target moved up and down by the seed noise, 2·SD·sqrt(1/n + 1/{n_adamw}), n Muon's seeds and SD = "
+              f"{sd:.4f} the seed SD of one run's final val loss pooled over the cells above with seeds:", '']
+    for n in targets:
+        target, _, seeds = mean['muon', n]
+        noise = 2 * sd * math.sqrt(1 / seeds + 1 / n_adamw)
+
+        def speedup(t, rule='log-linear'):
+            return fmt_speedup(steps_to_reach(adamw, t, rule), n, adamw_lengths)
+        rules = [f"{rule} {speedup(target, rule)}" for rule in INTERPOLATIONS]
+        if not math.isnan(noise):
+            rules[0] += f" ({speedup(target + noise)} to {speedup(target - noise)})"
+        if steps_to_reach(adamw, target) is None:  # the rules agree on whether a length reaches it
+            rules = [f"no AdamW length reaches it (the longest, {adamw[-1][0]} steps, ends at {adamw[-1][1]:.4f})"]
+        lines.append(f"- Muon at {n} steps ({target:.4f}, n = {seeds}): {'; '.join(rules)}")
+    return lines
 
 
 METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: key, digits
@@ -487,6 +533,24 @@ class Study:
             summary['probes'][key] = dict(best, warning=results.get('warning', ''), probe_s=seconds)
             self.save(run, summary)
 
+    def sweep_until_inside(self, knob, values, run_of, wait=True):
+        """Train run_of(value) at each of values (seed 0), widened while the best lies on an edge.
+        Returns (best value, {value: summary}); (None, the finished ones) while runs are missing:
+        in a report (wait=False), or never when waiting (another process's runs are polled)."""
+        values = sorted({float(f"{v:.6g}") for v in values})
+        fetch = self.train if wait else self.summary  # None: unfinished, or another process's
+        while True:
+            done = {v: fetch(run_of(v)) for v in values}
+            if any(s is None for s in done.values()):
+                if not wait or self.dry_run:
+                    return None, {v: s for v, s in done.items() if s}
+                time.sleep(30)
+                continue
+            best, inside, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
+            if inside or more is None:
+                return best, done
+            values.append(more)
+
     def write(self, name, lines):
         """A report's lines, to <results>/name and the terminal."""
         os.makedirs(self.results, exist_ok=True)
@@ -539,22 +603,6 @@ class LrStudy(Study):
                      f"run or finish the sweep phase first")
         return best
 
-    def sweep_lr(self, optimizer, iters, lrs):
-        """Train optimizer at iters steps (seed 0) at each of lrs, then one more lr 2x
-        beyond the edge while the best lies on it, so the best ends inside."""
-        lrs = sorted(set(lrs) | set(self.sweep_summaries(optimizer, iters)))
-        while True:
-            for lr in lrs:
-                self.train(Run(optimizer, lr, iters))
-            done = self.sweep_summaries(optimizer, iters)
-            if self.dry_run or set(lrs) - set(done):
-                return  # other processes are still on some
-            best, inside, more = bracket(LR, {lr: done[lr]['final_val'] for lr in lrs})
-            if inside or more is None or not 1e-6 <= more <= 1.0:
-                print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in lrs)} at {iters} steps")
-                return
-            lrs = sorted(lrs + [more])
-
     def table_run(self, row, seed=0):
         return Run(row.optimizer, self.best_lr(row.optimizer, self.length), self.length, seed, row.flags)
 
@@ -575,7 +623,9 @@ class LrStudy(Study):
     def sweep(self):
         """Each optimizer's peak lr at the short length: the grid LRS, widened until the best is inside."""
         for optimizer in self.optimizers:
-            self.sweep_lr(optimizer, self.length, self.lrs)
+            best, done = self.sweep_until_inside(LR, self.lrs, lambda lr: Run(optimizer, lr, self.length))
+            if best is not None:
+                print(f"{optimizer}: best lr {best:g} of {', '.join(f'{lr:g}' for lr in done)} at {self.length} steps")
 
     def lengths(self):
         """AdamW and Muon at 4x the length (AdamW also at 2x, for the speedup's
@@ -584,7 +634,7 @@ class LrStudy(Study):
         every seed's encoder probed (the tables probe the short length's)."""
         for optimizer, f in (('adamw', 4), ('muon', 4), ('adamw', 2)):
             best = self.best_lr(optimizer, self.length)
-            self.sweep_lr(optimizer, f * self.length, (best, best / 2, best * 2))
+            self.sweep_until_inside(LR, (best, best / 2, best * 2), lambda lr: Run(optimizer, lr, f * self.length))
         best = {optimizer: self.tuned_lr(optimizer, 4 * self.length) for optimizer in ('adamw', 'muon')}
         for seed in self.seeds:
             for optimizer, lr in best.items():
@@ -679,7 +729,7 @@ class LrStudy(Study):
         unready = self.unready_tables()
         tables = {name: self.table_stats(name, self.table_run, self.floor_probes())
                   for name in self.tables if name not in unready}
-        lines += self.lengths_section(self.length_stats(sweeps)) + ['']
+        lines += self.lengths_section(sweeps) + ['']
         for name, stats in tables.items():
             lines += [f"## {name}", '', fmt_table(stats, name != 'probe_optimizer'), '']
         lines += [f"## {name}\n\nNot run yet: it needs the sweeps of {', '.join(missing)}.\n"
@@ -687,67 +737,27 @@ class LrStudy(Study):
         self.write('study.md', lines)
         self.plots(sweeps, tables)
 
-    def length_stats(self, sweeps):
-        """AdamW and Muon at each length at their sweep's best lr, {(optimizer, length): dict(lr, final: seed 0's,
-        inside, finals: {seed: final val loss}, mean: mean_sd of the finals, probes: {seed: probes})}."""
-        stats = {}
-        for (optimizer, iters), sweep in sweeps.items():  # by length, then optimizer
+    def lengths_section(self, sweeps):
+        """Section 2: AdamW against Muon at each length, each at its sweep's best lr; Muon's speedup;
+        the encoders' probes; the long run."""
+        L, at = self.length, {}
+        for (optimizer, iters), sweep in sweeps.items():
             if optimizer in ('adamw', 'muon'):
-                lr, final, inside = sweep_best(sweep)
+                lr, _, inside = sweep_best(sweep)
                 runs = self.seed_summaries(Run(optimizer, lr, iters))
-                finals = by_seed(runs, lambda r: r['final_val'])
-                stats[optimizer, iters] = dict(lr=lr, final=final, inside=inside, finals=finals,
-                                               mean=mean_sd(list(finals.values())),
-                                               probes=by_seed(runs, lambda r: r['probes'].get('default')))
-        return stats
-
-    def lengths_section(self, stats):
-        """Section 2: AdamW against Muon at each length, each at its best lr; their probes; Muon's speedup."""
-        L, rows = self.length, []
-        for iters in (L, 2 * L, 4 * L):
-            adamw, muon = (stats.get((o, iters)) for o in ('adamw', 'muon'))
-            cells = [f"{s['lr']:g}, {s['final']:.4f}" + ('' if s['inside'] else ' (best on the edge)') if s else '–'
-                     for s in (adamw, muon)]
-            cells += [fmt(s['mean'], 4) if s else '–' for s in (adamw, muon)]
-            rows.append([str(iters)] + cells + [fmt_delta(muon['finals'], adamw['finals'], 4) if adamw and muon else '–'])
+                at[optimizer, iters] = dict(lr=lr, inside=inside, finals=by_seed(runs, lambda r: r['final_val']),
+                                            probes=by_seed(runs, lambda r: r['probes'].get('default')))
         lines = ['## 2. AdamW vs Muon at the end of training, each at its own best lr', '',
-                 *markdown_table(['steps', 'AdamW: best lr, final val (seed 0)', 'Muon: best lr, final val (seed 0)',
-                                  'AdamW at its best lr, seeds', 'Muon at its best lr, seeds', 'Muon - AdamW'], rows),
-                 '', "The lr is the seed-0 sweep's best; the seed columns are mean ± sample SD (n) at that lr; "
-                 "Δ is the mean of the seed-by-seed differences, marked * where a paired t-test rejects no difference "
-                 "at 5% two-sided."]
-        probed = {k: s['probes'] for k, s in stats.items() if s['probes']}
+                 *versus_lines(at, (L, 2 * L, 4 * L))]
+        probed = {k: s['probes'] for k, s in at.items() if s['probes']}
         if probed:
             floor = self.floor_probes()
             lines += ['', *probe_table(probed, sorted({n for _, n in probed})),
                       '', f"Best probe top-1 (`{self.probe_command}`), mean ± sample SD (n), of the runs above" +
                       (f"; a random encoder: attentive {fmt_mean(top1(floor, 'attentive').values(), 3)}, "
                        f"linear {fmt_mean(top1(floor, 'linear').values(), 3)}" if floor else '') + '.']
-        mean = {k: s['mean'] for k, s in stats.items()}
-        lengths = sorted(n for o, n in stats if o == 'adamw' and stats[o, n]['inside'])
-        if ('muon', L) not in mean or not lengths:
-            return lines
-        adamw = [(n, mean['adamw', n][0]) for n in lengths]
-        sd = pooled_sd([m[1] for m in mean.values()])  # one run's seed noise, pooled over the rows above
-        (target, _, n_target), n_adamw = mean['muon', L], min(mean['adamw', n][2] for n in lengths)
-        noise = 2 * sd * math.sqrt(1 / n_target + 1 / n_adamw)
-
-        def speedup(t):
-            return fmt_speedup(steps_to_reach(adamw, t), L, lengths, why=True)
-        lines += ['', f"**Muon's speedup**: the AdamW run length (each length at its own best lr) that reaches Muon's "
-                  f"mean final val loss at {L} steps ({target:.4f}, {n_target} seeds), over {L}; interpolated linearly in "
-                  f"log(steps) between the seed means of AdamW's lengths whose sweep has its best inside "
-                  f"({', '.join(map(str, lengths))}; seeds each: at least {n_adamw}). "
-                  f"Its range moves the target by ±2·SD·sqrt(1/{n_target} + 1/{n_adamw}) = ±{noise:.4f}, SD = {sd:.4f} "
-                  f"the seed SD of one run's final val loss pooled over the rows above that have seeds.",
-                  f"Estimate: **{speedup(target)}**" + ('' if math.isnan(sd) else
-                  f" (from {speedup(target + noise)} with the target up by the noise to {speedup(target - noise)} "
-                  f"with it down)") + '.']
-        for iters in (2 * L, 4 * L):
-            if ('muon', iters) in mean and steps_to_reach(adamw, mean['muon', iters][0]) is None:
-                lines.append(f"Muon's mean final val loss at {iters} steps ({mean['muon', iters][0]:.4f}): no AdamW run "
-                             f"length reaches it (the longest, {max(lengths)} steps, ends at {dict(adamw)[max(lengths)]:.4f}).")
-        return lines + self.long_section({n: mean['muon', n][0] for n in (L, 4 * L) if ('muon', n) in mean})
+        targets = {n: mean_sd(list(at['muon', n]['finals'].values()))[0] for n in (L, 4 * L) if ('muon', n) in at}
+        return lines + self.long_section(targets)
 
     def long_section(self, targets):
         """The `long` phase's AdamW run (16x, at the 4x best lr, seed 0) against Muon's seed means
@@ -846,26 +856,6 @@ class TunedStudy(Study):
             flags.append(f"--betas=({base['beta1']!r},{value!r})" if knob.key == 'beta2' else f"--{knob.key}={value!r}")
         return Run(optimizer, setting['lr'], iters, seed, tuple(sorted(flags)))
 
-    def sweep_knob(self, optimizer, iters, setting, knob, values, wait, make=None):
-        """Train setting with knob at each of values (make(setting, value) -> the setting of a
-        value; by default the knob set to it), widened while the best lies on an edge.
-        Returns (best value, {value: summary}); (None, the finished ones) while runs are missing:
-        in a report (wait=False), or never when waiting (another process's runs are polled)."""
-        values = sorted({float(f"{v:.6g}") for v in values})
-        make = make or (lambda setting, v: {**setting, knob.key: v})
-        fetch = self.train if wait else self.summary  # None: unfinished, or another process's
-        while True:
-            done = {v: fetch(self.setting_run(optimizer, make(setting, v), iters)) for v in values}
-            if any(s is None for s in done.values()):
-                if not wait or self.dry_run:
-                    return None, {v: s for v, s in done.items() if s}
-                time.sleep(30)
-                continue
-            best, inside, more = bracket(knob, {v: s['final_val'] for v, s in done.items()})
-            if inside or more is None:
-                return best, done
-            values.append(more)
-
     def coordinate_tune(self, optimizer, iters, wait=True, trace=None):
         """One hyperparameter at a time, each swept holding the others at their current best,
         bracketed; passes repeat (each knob at its best and its neighbours in the previous
@@ -883,7 +873,9 @@ class TunedStudy(Study):
                     ladder = sorted(grids[knob.key], key=knob.geometric)
                     i = ladder.index(setting[knob.key])  # the best is one of the values swept
                     values = ladder[max(0, i - 1):i + 2]
-                best, done = self.sweep_knob(optimizer, iters, setting, knob, values, wait)
+                def run_of(v):
+                    return self.setting_run(optimizer, {**setting, knob.key: v}, iters)
+                best, done = self.sweep_until_inside(knob, values, run_of, wait)
                 if trace is not None:
                     trace.append((n, knob.key, done, best))
                 if best is None:
@@ -907,8 +899,8 @@ class TunedStudy(Study):
         out = {self.length: setting}
         for iters in (4 * self.length, 16 * self.length):
             lr = setting['lr']
-            best, done = self.sweep_knob(optimizer, iters, setting, KNOBS[optimizer][0], (lr / 2, lr, 2 * lr), wait,
-                                         make=with_lr)
+            best, done = self.sweep_until_inside(
+                LR, (lr / 2, lr, 2 * lr), lambda v: self.setting_run(optimizer, with_lr(setting, v), iters), wait)
             if lr_sweeps is not None:
                 lr_sweeps.append((iters, done, best))
             if best is None:
@@ -1006,8 +998,9 @@ class TunedStudy(Study):
         L = self.length
         lines = [f"# The tuned study: `{self.config_name}`", '',
                  f"Short length {L} steps, then {4 * L} and {16 * L}; probes `{self.probe_command}`. "
-                 "Made by `python scripts/study.py report_tuned`. Wall times: one core per run, as measured, two runs at a "
-                 "time.", '', fmt_machine_time(self.summaries()), '',
+                 "Made by `python scripts/study.py report_tuned`. Wall times: one thread per run, as measured, however "
+                 "many runs shared the cores (an upper bound on each run's CPU time).", '',
+                 fmt_machine_time(self.summaries()), '',
                  '## 1. Tuning at the short length (seed 0, final val loss)', '',
                  "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
                  "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
@@ -1029,7 +1022,6 @@ class TunedStudy(Study):
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
         lines += self.lengths_section(settings, runs_at, lr_sweeps)
         lines += self.checks_section(settings, traces)
-        lines += self.speedup_section(runs_at)
         lines += self.probes_section(runs_at, floors) + ['']
         at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
         if None not in at.values():
@@ -1040,16 +1032,11 @@ class TunedStudy(Study):
 
     def lengths_section(self, settings, runs_at, lr_sweeps):
         """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
-        the lr sweeps of the longer lengths."""
-        rows = []
-        for n in (self.length, 4 * self.length, 16 * self.length):
-            finals = {o: by_seed(runs_at[o, n], lambda r: r['final_val']) for o in ('adamw', 'muon')}
-            rows.append([str(n)] + [f"{settings[o][n]['lr']:g}, {fmt_mean(finals[o].values(), 4)}"
-                                    if runs_at[o, n] else '–' for o in ('adamw', 'muon')] +
-                        [fmt_delta(finals['muon'], finals['adamw'], 4)])
+        Muon's speedup; the lr sweeps of the longer lengths."""
+        at = {(o, n): dict(lr=settings[o][n]['lr'], inside=True, finals=by_seed(runs, lambda r: r['final_val']))
+              for (o, n), runs in runs_at.items() if runs}
         return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
-                *markdown_table(['steps', 'AdamW: lr, final val (seeds)', 'Muon: lr, final val (seeds)',
-                                 'Muon - AdamW (paired)'], rows),
+                *versus_lines(at, (self.length, 4 * self.length, 16 * self.length)),
                 '', "Each length's lr re-tuned around the previous length's best (half, once, twice; widened at an "
                 "edge), the other knobs held at the short length's tuned values (an untied AdamW-side lr keeps its "
                 "ratio to Muon's):", '',
@@ -1072,25 +1059,6 @@ class TunedStudy(Study):
                                    f"{base['final_val']:.4f} (seed 0): the short length's value {verdict}")
         return ['', f"Checks at {16 * self.length} steps, each tuned knob moved one grid step to its runner-up side:",
                 ''] + checked if checked else []
-
-    def speedup_section(self, runs_at):
-        """Muon's speedup at the short length and at 4x it, by every rule of INTERPOLATIONS, from the seed means."""
-        L = self.length
-        means = {k: mean_sd([r['final_val'] for r in runs])[0] for k, runs in runs_at.items() if runs}
-        adamw = [(n, means['adamw', n]) for n in (L, 4 * L, 16 * L) if ('adamw', n) in means]
-        if ('muon', L) not in means or not adamw:
-            return []
-        lengths = [n for n, _ in adamw]
-
-        def speedups(n):  # at Muon's length n
-            return '; '.join(f"{rule} {fmt_speedup(steps_to_reach(adamw, means['muon', n], rule), n, lengths)}"
-                             for rule in INTERPOLATIONS) + '.'
-        text = (f"**Muon's speedup**: the AdamW run length that reaches Muon's mean final val loss at {L} steps "
-                f"({means['muon', L]:.4f}), over {L}, by rule of interpolation between AdamW's seed means at "
-                f"{', '.join(map(str, lengths))} steps: " + speedups(L))
-        if ('muon', 4 * L) in means:
-            text += f" At {4 * L} steps ({means['muon', 4 * L]:.4f}), over {4 * L}: " + speedups(4 * L)
-        return ['', text]
 
     def probes_section(self, runs_at, floor):
         """Every length's encoders probed, and their margins over the floors, paired by seed."""

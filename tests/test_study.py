@@ -211,9 +211,11 @@ def test_report_speedup_and_row_pairs_are_what_the_formulas_give(tmp_path):
         if target >= 0.310:
             return 2 ** ((0.332 - target) / 0.022)
         return 2 * 2 ** ((0.310 - target) / 0.020)
-    assert "| 12 | 0.002, 0.3300 | 0.002, 0.2980 | 0.3320 ± 0.0028 (2) | 0.3000 ± 0.0028 (2) | -0.0320 * |" in text
-    assert f"Estimate: **{expected(0.300):.2f}x** (from {expected(0.300 + noise):.2f}x" in text
-    assert f"to {expected(0.300 - noise):.2f}x with it down" in text
+    assert "| 12 | 0.002, 0.3320 ± 0.0028 (2) | 0.002, 0.3000 ± 0.0028 (2) | -0.0320 * |" in text
+    assert (f"(1 in 20 when nothing differs; comparisons made: 1). With 2 seeds and the seed SD pooled over the cells "
+            f"(0.0028), it marks differences above about {12.706 * 2 ** 0.5 / 2 ** 0.5 * sd:.4f}.") in text
+    assert (f"- Muon at 12 steps (0.3000, n = 2): log-linear {expected(0.300):.2f}x ({expected(0.300 + noise):.2f}x "
+            f"to {expected(0.300 - noise):.2f}x); linear") in text
     # the blog table: the two Muon rows with runs are compared with each other, beside the Δ to AdamW
     assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.002 | 0.32200 ± 0.00283 (2) | -0.01000 * |" in text
     assert ("of 3 comparisons (1 each in val loss, attentive and linear top-1; about 0.1 marked by chance when "
@@ -408,10 +410,13 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     log_linear, linear = 12 * 2 ** 1, 12 + 0.5 * 36
     power = math.exp(math.log(12) + (math.log(0.402) - math.log(0.352)) / (math.log(0.402) - math.log(0.302))
                      * math.log(4))
-    assert (f"log-linear {log_linear / 12:.2f}x; linear {linear / 12:.2f}x; power law {power / 12:.2f}x."
-            in text), text
+    noise = 2 * 0.002 * math.sqrt(1 / 3 + 1 / 3)  # the log-linear answer with the target moved by the seed noise
+    low, high = (4 ** ((0.402 - t) / 0.1) for t in (0.352 + noise, 0.352 - noise))
+    assert (f"- Muon at 12 steps (0.3520, n = 3): log-linear {log_linear / 12:.2f}x ({low:.2f}x to {high:.2f}x); "
+            f"linear {linear / 12:.2f}x; power law {power / 12:.2f}x\n" in text), text
     # at 48 steps Muon's 0.252 is AdamW's at 192: 4x by every rule
-    assert " At 48 steps (0.2520), over 48: log-linear 4.00x; linear 4.00x; power law 4.00x." in text
+    assert "- Muon at 48 steps (0.2520, n = 3): log-linear 4.00x (" in text
+    assert "; linear 4.00x; power law 4.00x\n" in text
     # the checks: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001 (do not hold)
     assert text.count('the short length\'s value holds') == 3 and text.count('DOES NOT HOLD') == 3
     # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s;
@@ -443,8 +448,15 @@ def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypa
     assert a.unready_tables() == {'blog': ['adamw', 'muon']}
     with pytest.raises(SystemExit, match='unfinished'):
         a.best_lr('adamw', 12)
+    fake_train(S.Run('muon', 4e-3, 12))  # a Muon run, so the report has a speedup to leave out
+    a.report()
+    text = (tmp_path / 'results' / 'study.md').read_text()
+    assert "(best ON THE EDGE;" in text and "| 12 | 0.004 (best on the edge), 0.3000 (1) |" in text
+    assert "Muon's speedup" not in text  # no AdamW length with its best inside to interpolate
+    os.remove(a.summary_path(S.Run('muon', 4e-3, 12)))
     monkeypatch.setattr(a, 'train', fake_train)
-    a.sweep_lr('adamw', 12, [1e-3, 2e-3, 4e-3])  # widens once, to 8e-3, and stops: 4e-3 is inside
+    a.optimizers, a.lrs = ['adamw'], (1e-3, 2e-3, 4e-3)
+    a.sweep()  # the phase: widens once, to 8e-3, and stops: 4e-3 is inside
     assert sorted(a.sweep_summaries('adamw', 12)) == [1e-3, 2e-3, 4e-3, 8e-3]
     assert a.tuned_lr('adamw', 12) == 4e-3 and S.sweep_best(a.sweep_summaries('adamw', 12)) == (4e-3, 0.3, True)
     assert a.unready_tables() == {'blog': ['muon']}
