@@ -944,13 +944,16 @@ class TunedStudy(Study):
     def scale(self):
         """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
         16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
-        (probe_final); then, at 16x, one check of each other tuned knob."""
+        (probe_final), the lengths already tuned first; then, at 16x, one check of each other tuned knob."""
         for optimizer in self.optimizers:
-            trace = []
-            settings = self.length_settings(optimizer, trace=trace)
-            for run in self.final_runs(optimizer, settings):
-                self.train(run)
-                self.probe_final(run)
+            trace, done = [], []
+            for wait in (False, True):  # the lengths tuned so far first: a longer length's sweep holds back no seed
+                settings = self.length_settings(optimizer, wait, trace if wait else None)
+                for run in self.final_runs(optimizer, settings):
+                    if run not in done:
+                        self.train(run)
+                        self.probe_final(run)
+                        done.append(run)
             if 16 * self.length in settings:
                 for run in self.check_runs(optimizer, settings[16 * self.length], trace).values():
                     self.train(run)

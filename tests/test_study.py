@@ -331,6 +331,23 @@ def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(t
     assert all(r.iters == 192 and r.lr == 8e-3 for r in checks.values())
 
 
+def test_scale_runs_the_seeds_of_the_lengths_tuned_so_far_before_a_longer_sweep(tmp_path, capsys):
+    """A 48-step lr sweep still to run must hold back none of the seeds of the tuned 12-step
+    setting: scale asks for those first (each once), then for the sweep."""
+    import math
+    S, a = made_up_study(tmp_path)
+    setting, _ = fill(a, lambda: a.coordinate_tune('adamw', 12, wait=False),
+                      lambda run: math.log(run.lr / 4e-3) ** 2 + 0.001 * len(run.flags))
+    a.seeds, a.dry_run, a.probe_config, a.probe_args = range(3), True, 'config/probe_fmnist.py', []
+    capsys.readouterr()
+    a.scale()
+    asked = [line for line in capsys.readouterr().out.splitlines() if line.startswith('$ ')]
+    trained = [line for line in asked if 'train_mae.py' in line]
+    assert len(asked) == len(set(asked))
+    assert ['--max_iters=12' in line for line in trained] == [True, True, False, False, False], trained
+    assert all('--seed=0' in line for line in trained[2:]) and all(f'--seed={s}' in trained[s - 1] for s in (1, 2))
+
+
 def test_with_lr_keeps_an_untied_adamw_side_in_ratio():
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import study as S
