@@ -120,14 +120,13 @@ def read_json(path):
 def spent_before(out_dir):
     """Wall seconds of a run's earlier attempts: each attempt that died counts from its start
     to the last write of its log (within a log interval of its end). spent_s.json holds the
-    seconds before the latest attempt and that attempt's start (a bare number: older files,
-    whose dead attempts went uncounted)."""
+    seconds before the latest attempt and that attempt's start."""
     path, log = os.path.join(out_dir, 'spent_s.json'), os.path.join(out_dir, 'log.jsonl')
     if not os.path.exists(path):
         return 0.0
     record = read_json(path)
-    if not isinstance(record, dict):
-        return float(record)
+    if not isinstance(record, dict):  # older runners wrote the seconds alone, at the attempt's start
+        record = dict(spent=float(record), started=os.path.getmtime(path))
     return record['spent'] + (max(0.0, os.path.getmtime(log) - record['started']) if os.path.exists(log) else 0.0)
 
 

@@ -130,8 +130,9 @@ def test_a_dead_attempt_counts_from_its_start_to_its_log_s_last_write(tmp_path):
     (tmp_path / 'log.jsonl').write_text('{}\n')
     os.utime(tmp_path / 'log.jsonl', (1250.0, 1250.0))
     assert S.spent_before(tmp_path) == 350.0  # 100 before it, 250 of its own
-    (tmp_path / 'spent_s.json').write_text('42.0')  # an older file: a bare number
-    assert S.spent_before(tmp_path) == 42.0
+    (tmp_path / 'spent_s.json').write_text('42.0')  # an older runner's file: a bare number, written at the start
+    os.utime(tmp_path / 'spent_s.json', (1200.0, 1200.0))
+    assert S.spent_before(tmp_path) == 92.0  # 42 before it, 50 of its own
 
 
 def test_steps_to_reach_interpolates_in_log_steps():
