@@ -727,9 +727,9 @@ def main(argv):
             evaluating = step % c.eval_interval == 0 or step == total
             if step % c.log_interval == 0 or evaluating:  # the only host syncs of the loop: one all-reduce
                 loss_avg, skipped_all, stopping = harness.all_ranks(loss_sum / steps_since_log, skipped, bool(stop))
-                harness.check_finite('loss', loss_avg, step, ckpt_path)
                 imgs_per_sec = steps_since_log * c.batch_size / (time.time() - t0)
                 runlog.write(step=step, loss=loss_avg, lr=lr, imgs_per_sec=imgs_per_sec, skipped_images=skipped_all)
+                harness.check_finite('loss', loss_avg, step, ckpt_path)  # logged first: where the run diverged
                 bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{imgs_per_sec:.0f}")
                 loss_sum.zero_()
                 steps_since_log = 0
@@ -741,9 +741,9 @@ def main(argv):
                 model.eval()
                 val_loss = evaluate(compiled, val_loader, dev, rt.autocast)
                 model.train()
+                runlog.write(step=step, val_loss=val_loss)
                 harness.check_finite('val loss', val_loss, step, ckpt_path)  # the weights as saved next
                 best_val = min(best_val, val_loss)
-                runlog.write(step=step, val_loss=val_loss)
                 log(f"\nstep {step}: val loss {val_loss:.4f} (best {best_val:.4f})")
                 checkpoint()
                 if rt.master:

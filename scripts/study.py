@@ -130,6 +130,15 @@ def spent_before(out_dir):
     return record['spent'] + (max(0.0, os.path.getmtime(log) - record['started']) if os.path.exists(log) else 0.0)
 
 
+def diverged_at(log):
+    """The step of the first non-finite loss in a run's log.jsonl (train_mae.py logs it, then stops), else None."""
+    if not os.path.exists(log):
+        return None
+    with open(log) as f:
+        return next((r['step'] for r in map(json.loads, f)
+                     if not all(math.isfinite(r[k]) for k in ('loss', 'val_loss') if k in r)), None)
+
+
 # -----------------------------------------------------------------------------
 # the bracketing rule, for the lr and every other tuned knob
 
@@ -259,6 +268,7 @@ def fmt_delta(xs, ys, digits):
 def fmt_sweep(runs, best):
     """A sweep's values and final val losses, runs {value: summary}, the best in bold."""
     return ', '.join(f"**{v:g}: {runs[v]['final_val']:.4f}**" if v == best else f"{v:g}: {runs[v]['final_val']:.4f}"
+                     + (f" (diverged at step {runs[v]['diverged_at']})" if 'diverged_at' in runs[v] else '')
                      for v in sorted(runs))
 
 
@@ -444,14 +454,15 @@ class Study:
             else:
                 print(f"warning: could not commit {path}", file=sys.stderr)
 
-    def execute(self, script, args):
-        """Run a script of the repository on one core; returns its wall time in seconds."""
+    def execute(self, script, args, failure_ok=lambda: False):
+        """Run a script of the repository on one core; returns its wall time in seconds. A failure
+        ends the phase, unless failure_ok() finds it a result (a run that diverged)."""
         cmd = [sys.executable, script, *args]
         print('$', shlex.join(cmd), flush=True)
         if self.dry_run:
             return 0.0
         t0 = time.time()
-        if subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}).returncode:
+        if subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}).returncode and not failure_ok():
             sys.exit(f"error: failed: {shlex.join(cmd)}")
         return time.time() - t0
 
@@ -497,14 +508,18 @@ class Study:
             os.makedirs(out_dir, exist_ok=True)
             with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
                 json.dump(dict(spent=spent, started=time.time()), f)
+            log = os.path.join(out_dir, 'log.jsonl')
             seconds = self.execute('train_mae.py', run.argv(self.config) + [f'--out_dir={out_dir}'] +
-                                   (['--init_from=resume'] if resume else []) + list(self.train_args))
-            with open(os.path.join(out_dir, 'log.jsonl')) as f:
-                curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if 'val_loss' in r}
-            if max(curve, default=0) != run.iters:  # stopped by a signal: train_mae.py saved and exited
+                                   (['--init_from=resume'] if resume else []) + list(self.train_args),
+                                   failure_ok=lambda: diverged_at(log) is not None)
+            diverged = diverged_at(log)
+            with open(log) as f:
+                curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if math.isfinite(r.get('val_loss', math.nan))}
+            if diverged is None and max(curve, default=0) != run.iters:  # stopped by a signal: saved and exited
                 sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
-            summary = dict(run._asdict(), name=run.name, config=self.config_name, curve=curve,
-                           final_val=curve[max(curve)], train_s=spent + seconds, probes={})
+            summary = dict(run._asdict(), name=run.name, config=self.config_name, curve=curve,  # diverged: worst
+                           final_val=math.inf if diverged else curve[max(curve)], train_s=spent + seconds, probes={},
+                           **({'diverged_at': diverged} if diverged else {}))
             self.save(run, summary)
             return summary
 

@@ -1,4 +1,6 @@
 """Faults injected for real: SIGKILL, SIGTERM, a dead rank, a full disk, bad images, NaN."""
+import json
+import math
 import os
 import signal
 import time
@@ -103,6 +105,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, eval_int
                     f'--eval_interval={eval_interval}'], check=False)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith('error: ')
     assert 'keeps the last good state' in p.stderr
+    last = json.loads((tmp_path / 'log.jsonl').read_text().splitlines()[-1])  # where it diverged, logged
+    assert last['step'] > 3 and not all(math.isfinite(last[k]) for k in ('loss', 'val_loss') if k in last)
     kept = params(tmp_path)
     assert kept['step'] == 3 and all(torch.equal(v, good['model'][k]) for k, v in kept['model'].items())
 

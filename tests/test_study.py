@@ -105,6 +105,25 @@ def test_a_run_stopped_by_a_signal_is_not_taken_as_finished(tmp_path):
     assert not (results / 'runs').exists() or not os.listdir(results / 'runs')
 
 
+def test_a_run_that_diverges_is_a_result_the_worst_of_its_sweep(tmp_path):
+    """A NaN loss ends a run (train_mae.py logs it, then stops): the study keeps the run as
+    finished with an infinite final val loss, so a sweep's high edge brackets instead of the
+    phase ending there, and the run is not tried again. Any other failure ends the phase."""
+    import math
+    S, a = made_up_study(tmp_path, 'LrStudy')
+    run = S.Run('adamw', 1e30, 4)
+    summary = a.train(run)
+    assert summary['final_val'] == math.inf and summary['diverged_at'] == 2 and summary['curve'] == {}
+    written = os.path.getmtime(a.summary_path(run))
+    assert a.train(run) == a.summary(run) and os.path.getmtime(a.summary_path(run)) == written
+    finals = {1e-3: 0.5, 2e-3: 0.4, 1e30: math.inf}
+    assert S.bracket(S.LR, finals)[:2] == (2e-3, True)
+    assert S.fmt_sweep({lr: dict(final_val=v) for lr, v in finals.items()} | {1e30: summary}, 2e-3).endswith(
+        "1e+30: inf (diverged at step 2)")
+    with pytest.raises(SystemExit, match='error: failed'):
+        a.train(S.Run('adamw', 1e-3, 4, flags=('--no_such_key=1',)))
+
+
 def test_delta_is_a_paired_t_test_over_the_seeds_both_rows_have():
     sys.path.insert(0, os.path.join(ROOT, 'scripts'))
     import study as S
