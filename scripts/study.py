@@ -1038,7 +1038,7 @@ class TunedStudy(Study):
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
         lines += self.lengths_section(settings, runs_at, lr_sweeps)
-        lines += self.checks_section(settings, traces)
+        lines += self.checks_section(settings, traces, runs_at)
         lines += self.probes_section(runs_at, floors) + ['']
         at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
         if None not in at.values():
@@ -1060,9 +1060,11 @@ class TunedStudy(Study):
                 *(f"- {o}, {n} steps: " + fmt_sweep(runs, best)
                   for o, sweeps in lr_sweeps.items() for n, runs, best in sweeps)]
 
-    def checks_section(self, settings, traces):
-        """Each check at the longest length against the tuned setting there (seed 0)."""
-        checked = []
+    def checks_section(self, settings, traces, runs_at):
+        """Each check at the longest length against the tuned setting there (seed 0), beside the
+        seed SD of a final run there (pooled over both optimizers' seeds)."""
+        checked, n = [], 16 * self.length
+        sd = pooled_sd([mean_sd([r['final_val'] for r in runs_at[o, n]])[1] for o in ('adamw', 'muon') if runs_at[o, n]])
         for optimizer, trace in traces.items():
             longest = settings[optimizer].get(16 * self.length)
             base = self.summary(self.setting_run(optimizer, longest, 16 * self.length)) if longest else None
@@ -1071,11 +1073,15 @@ class TunedStudy(Study):
             for key, run in self.check_runs(optimizer, longest, trace).items():
                 s = self.summary(run)
                 if s:
-                    verdict = 'holds' if s['final_val'] > base['final_val'] else 'DOES NOT HOLD'
+                    delta = s['final_val'] - base['final_val']
+                    verdict = 'holds' if delta > 0 else 'DOES NOT HOLD'
                     checked.append(f"- {optimizer}, {key}: {run.name}: {s['final_val']:.4f} against the tuned "
-                                   f"{base['final_val']:.4f} (seed 0): the short length's value {verdict}")
-        return ['', f"Checks at {16 * self.length} steps, each tuned knob moved one grid step to its runner-up side:",
-                ''] + checked if checked else []
+                                   f"{base['final_val']:.4f} (seed 0, {delta:+.4f}): the short length's value {verdict}"
+                                   + (' (within the noise)' if abs(delta) < 2 * math.sqrt(2) * sd else ''))
+        return ['', f"Checks at {n} steps, each tuned knob moved one grid step to its runner-up side. The seed SD of a "
+                f"final run there is {sd:.4f}; within the noise = less than 2·sqrt(2)·SD apart, two standard errors "
+                "of the difference of two independent runs (these two share seed 0, so they likely differ by less "
+                "by chance):", ''] + checked if checked else []
 
     def probes_section(self, runs_at, floor):
         """Every length's encoders probed, and their margins over the floors, paired by seed."""

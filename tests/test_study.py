@@ -456,6 +456,9 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     assert "; linear 4.00x; power law 4.00x\n" in text
     # the checks: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001 (do not hold)
     assert text.count('the short length\'s value holds') == 3 and text.count('DOES NOT HOLD') == 3
+    # the seed SD at 192 steps is 0.002 (seeds 0.002 apart): AdamW's +0.001 is within 2·sqrt(2)·0.002, Muon's -0.009 not
+    assert "The seed SD of a final run there is 0.0020;" in text
+    assert text.count("value holds (within the noise)") == 3 and "HOLD (within" not in text
     # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s;
     # all tokens 0.85 + 0.02 s against a random encoder's 0.82 + 0.01 s and the pixels' 0.8
     assert ("- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; random all tokens +0.040 *; "
