@@ -130,13 +130,18 @@ def spent_before(out_dir):
     return record['spent'] + (max(0.0, os.path.getmtime(log) - record['started']) if os.path.exists(log) else 0.0)
 
 
-def diverged_at(log):
-    """The step of the first non-finite loss in a run's log.jsonl (train_mae.py logs it, then stops), else None."""
-    if not os.path.exists(log):
-        return None
-    with open(log) as f:
-        return next((r['step'] for r in map(json.loads, f)
-                     if not all(math.isfinite(r[k]) for k in ('loss', 'val_loss') if k in r)), None)
+def read_log(path):
+    """A run's log.jsonl as records; none if the run never wrote it."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def diverged_at(records):
+    """The step of the first non-finite loss in a run's log records (train_mae.py logs it, then stops), else None."""
+    return next((r['step'] for r in records if not all(math.isfinite(r[k]) for k in ('loss', 'val_loss') if k in r)),
+                None)
 
 
 # -----------------------------------------------------------------------------
@@ -511,10 +516,10 @@ class Study:
             log = os.path.join(out_dir, 'log.jsonl')
             seconds = self.execute('train_mae.py', run.argv(self.config) + [f'--out_dir={out_dir}'] +
                                    (['--init_from=resume'] if resume else []) + list(self.train_args),
-                                   failure_ok=lambda: diverged_at(log) is not None)
-            diverged = diverged_at(log)
-            with open(log) as f:
-                curve = {r['step']: r['val_loss'] for r in map(json.loads, f) if math.isfinite(r.get('val_loss', math.nan))}
+                                   failure_ok=lambda: diverged_at(read_log(log)) is not None)
+            records = read_log(log)
+            diverged = diverged_at(records)
+            curve = {r['step']: r['val_loss'] for r in records if math.isfinite(r.get('val_loss', math.nan))}
             if diverged is None and max(curve, default=0) != run.iters:  # stopped by a signal: saved and exited
                 sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
             summary = dict(run._asdict(), name=run.name, config=self.config_name, curve=curve,  # diverged: worst
@@ -1016,7 +1021,8 @@ class TunedStudy(Study):
         lines = [f"# The tuned study: `{self.config_name}`", '',
                  f"Short length {L} steps, then {4 * L} and {16 * L}; probes `{self.probe_command}`. "
                  "Made by `python scripts/study.py report_tuned`. Wall times: one thread per run, as measured, however "
-                 "many runs shared the cores (an upper bound on each run's CPU time).", '',
+                 "many runs shared the cores (an upper bound on each run's CPU time, except for runs restarted under "
+                 "runners older than 2c52e6d, which counted only their last attempt: docs/study.md).", '',
                  fmt_machine_time(self.summaries()), '',
                  '## 1. Tuning at the short length (seed 0, final val loss)', '',
                  "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
