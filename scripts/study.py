@@ -372,12 +372,16 @@ def fmt_table(stats, floor):
     n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
     train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
     res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
+    marks = [f"**{res[key]:.{digits}f}** {name}" for (key, digits), name in
+             zip(METRICS, ('in val loss', 'attentive', 'linear top-1')) if not math.isnan(res[key])]
+    marks = ', '.join(marks[:-1]) + ' and ' + marks[-1] if len(marks) > 1 else ''.join(marks)
+    tested = (f"* where a paired t-test rejects no difference at 5% two-sided (|Δ| > t·SD/√n of the seed "
+              f"differences, t = {T_975.get(n - 1)} at {n} seeds), so about 1 comparison in 20 is marked when nothing "
+              f"differs. With {n} seeds and this table's pooled seed SD, the smallest difference of two rows it marks "
+              f"(t·sqrt(2/n)·SD) is {marks} (the blog's architecture " if n > 1 else
+              "no difference is tested until every row has 2 seeds (the blog's architecture ")
     lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row, "
-              f"the mean of the differences seed by seed; * where a paired t-test rejects no difference at 5% "
-              f"two-sided (|Δ| > t·SD/√n of the seed differences, t = {T_975.get(n - 1, math.nan)} at {n} seeds), so "
-              f"about 1 comparison in 20 is marked when nothing differs. With {n} seeds and this table's pooled seed "
-              f"SD, the smallest difference of two rows it marks (t·sqrt(2/n)·SD) is **{res['val']:.5f}** in val loss, "
-              f"**{res['attentive']:.3f}** attentive and **{res['linear']:.3f}** linear top-1 (the blog's architecture "
+              f"the mean of the differences seed by seed; {tested}"
               f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
               f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
               f"{sum(train_s.values()) / 60:.0f} min training, {sum(s['probe_s'] for s in stats) / 60:.0f} min probing, "
