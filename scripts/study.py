@@ -938,7 +938,7 @@ class TunedStudy(Study):
     def check_runs(self, optimizer, tuned, trace):
         """At the longest length, one run per knob besides the lr: the knob moved to its
         runner-up side at the short length (the neighbour with the lower loss there; up from a
-        floor). {knob: Run}."""
+        floor; an AdamW-side lr by the same ratio to the tuned one). {knob: Run}."""
         last = {key: (done, best) for _, key, done, best in trace}  # each knob's final sweep at the short length
         out = {}
         for knob in KNOBS[optimizer][1:]:
@@ -947,6 +947,8 @@ class TunedStudy(Study):
             i = ladder.index(best)
             sides = [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
             value = min(sides, key=lambda v: done[v]['final_val'])
+            if knob.key == 'adamw_lr':  # moves with the lr (with_lr): the runner-up's ratio to the best
+                value = float(f"{tuned['adamw_lr'] * value / best:.6g}")
             out[knob.key] = self.setting_run(optimizer, {**tuned, knob.key: value}, 16 * self.length)
         return out
 

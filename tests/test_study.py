@@ -351,6 +351,28 @@ def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(t
     assert all(r.iters == 192 and r.lr == 8e-3 for r in checks.values())
 
 
+def test_the_adamw_side_check_moves_its_ratio_to_the_lr_not_its_short_length_value(tmp_path):
+    """Muon's best lr halves with each 4x in length and its AdamW side is best at twice it, once
+    it coming second: the check at 16x puts the AdamW side at once the lr there, where the
+    short length's value would be 4x too high."""
+    import math
+    S, a = made_up_study(tmp_path)
+
+    def loss(run):
+        flags = dict(f[2:].split('=') for f in run.flags)
+        side = float(flags.get('adamw_lr', run.lr)) / run.lr
+        return (math.log(run.lr * 2 ** math.log(run.iters / 12, 4) / 1.6e-2) ** 2 + math.log(side / 2) ** 2
+                + 0.1 * (side > 2) + float(flags.get('muon_weight_decay', 0.1))
+                + 0.1 * (float(flags.get('warmup_epochs', 1.0)) - 1) ** 2)
+    settings, _ = fill(a, lambda: (lambda s: s if len(s) == 3 else None)(a.length_settings('muon', wait=False)), loss)
+    assert {n: (s['lr'], s['adamw_lr']) for n, s in settings.items()} == {12: (1.6e-2, 3.2e-2), 48: (8e-3, 1.6e-2),
+                                                                          192: (4e-3, 8e-3)}
+    trace = []
+    a.coordinate_tune('muon', 12, wait=False, trace=trace)
+    check = a.check_runs('muon', settings[192], trace)['adamw_lr']
+    assert check.lr == 4e-3 and check.flags == ('--muon_weight_decay=0.0',), check  # once the lr: tied, no flag
+
+
 def test_scale_runs_the_seeds_of_the_lengths_tuned_so_far_before_a_longer_sweep(tmp_path, capsys):
     """A 48-step lr sweep still to run must hold back none of the seeds of the tuned 12-step
     setting: scale asks for those first (each once), then for the sweep."""
