@@ -378,11 +378,10 @@ def fmt_table(stats, floor):
     tested = (f"* where a paired t-test rejects no difference at 5% two-sided (|Δ| > t·SD/√n of the seed "
               f"differences, t = {T_975.get(n - 1)} at {n} seeds), so about 1 comparison in 20 is marked when nothing "
               f"differs. With {n} seeds and this table's pooled seed SD, the smallest difference of two rows it marks "
-              f"(t·sqrt(2/n)·SD) is {marks} (the blog's architecture " if n > 1 else
-              "no difference is tested until every row has 2 seeds (the blog's architecture ")
+              f"(t·sqrt(2/n)·SD) is {marks}" if n > 1 else "no difference is tested until every row has 2 seeds")
     lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row, "
-              f"the mean of the differences seed by seed; {tested}"
-              f"effects: 0.0001-0.0009 in val loss). Probe best on the grid's edge: "
+              f"the mean of the differences seed by seed; {tested} (the blog's architecture effects: 0.0001-0.0009 "
+              f"in val loss). Probe best on the grid's edge: "
               f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
               f"{sum(train_s.values()) / 60:.0f} min training, {sum(s['probe_s'] for s in stats) / 60:.0f} min probing, "
               "one core per run (a run shared with another table counted in each)."]
