@@ -946,8 +946,8 @@ class TunedStudy(Study):
             i = ladder.index(best)
             sides = [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
             value = min(sides, key=lambda v: done[v]['final_val'])
-            if knob.key == 'adamw_lr':  # moves with the lr (with_lr): the runner-up's ratio to the best
-                value = float(f"{tuned['adamw_lr'] * value / best:.6g}")
+            if knob.key == 'adamw_lr':  # moves with the lr: the runner-up's setting carried to the tuned lr
+                value = with_lr({'lr': done[value]['lr'], 'adamw_lr': value}, tuned['lr'])['adamw_lr']
             out[knob.key] = self.setting_run(optimizer, {**tuned, knob.key: value}, 16 * self.length)
         return out
 
