@@ -358,30 +358,35 @@ METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: ke
 
 
 def fmt_table(stats, floor):
-    """A table's text from its stats (Study.table_stats); floor: whether the last row is the random encoder."""
+    """A table's text from its stats (Study.table_stats); floor: whether the last row is the random encoder,
+    as in the tables of encoders. The probe table's rows (no floor) probe one encoder: its val loss compares nothing."""
     base, rows = stats[0], []
     for i, s in enumerate(stats):
         row = s['row']
         cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''),
                  f"{row.optimizer} {s['lr']:g}" if s['runs'] else '–']
         for key, digits in METRICS:
-            cells += [fmt(s[key], digits), 'baseline' if i == 0 else fmt_delta(s['seeds'][key], base['seeds'][key], digits)]
+            delta = ('–' if key == 'val' and not floor else 'baseline' if i == 0 else
+                     fmt_delta(s['seeds'][key], base['seeds'][key], digits))
+            cells += [fmt(s[key], digits), delta]
         rows.append(cells + [row.blog or '–'])
     lines = markdown_table(['row', 'optimizer, lr', 'final val loss', 'Δ', 'attentive top-1', 'Δ', 'linear top-1', 'Δ',
                             'blog'], rows)
     n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
     train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
-    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS}
+    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS if floor or key != 'val'}
     marks = [f"**{res[key]:.{digits}f}** {name}" for (key, digits), name in
-             zip(METRICS, ('in val loss', 'attentive', 'linear top-1')) if not math.isnan(res[key])]
+             zip(METRICS, ('in val loss', 'attentive', 'linear top-1')) if key in res and not math.isnan(res[key])]
     marks = ', '.join(marks[:-1]) + ' and ' + marks[-1] if len(marks) > 1 else ''.join(marks)
     tested = (f"* where a paired t-test rejects no difference at 5% two-sided (|Δ| > t·SD/√n of the seed "
               f"differences, t = {T_975.get(n - 1)} at {n} seeds), so about 1 comparison in 20 is marked when nothing "
               f"differs. With {n} seeds and this table's pooled seed SD, the smallest difference of two rows it marks "
-              f"(t·sqrt(2/n)·SD) is {marks}" if n > 1 else "no difference is tested until every row has 2 seeds")
+              f"(t·sqrt(2/n)·SD) is {marks}" if n > 1 and marks
+              else "no difference is tested until every row has 2 seeds")
     lines += ['', f"Mean ± sample SD over seeds (n); final val loss = at the last step. Δ against the first row, "
-              f"the mean of the differences seed by seed; {tested} (the blog's architecture effects: 0.0001-0.0009 "
-              f"in val loss). Probe best on the grid's edge: "
+              f"the mean of the differences seed by seed; {tested}"
+              + (" (the blog's architecture effects: 0.0001-0.0009 in val loss)" if floor else '')
+              + ". Probe best on the grid's edge: "
               f"{sum(s['edge'] for s in stats)} of {sum(len(s['runs']) for s in stats)} encoders. Machine time: "
               f"{sum(train_s.values()) / 60:.0f} min training, {sum(s['probe_s'] for s in stats) / 60:.0f} min probing, "
               "one core per run (a run shared with another table counted in each)."]

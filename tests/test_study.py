@@ -461,7 +461,9 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     a.tables = ['blog', 'probe_optimizer']  # the second table's rows are not probed: no resolution in top-1 there
     a.report_tuned()
     text = (tmp_path / 'results' / 'study.md').read_text()
-    assert 'nan' not in text and "(t·sqrt(2/n)·SD) is **0.00703** in val loss (the blog's" in text
+    # the probe table's rows share their encoders: their val loss is not compared, and their top-1 is not there
+    assert 'nan' not in text and '+0.00000' not in text
+    assert text.count('no difference is tested until every row has 2 seeds') == 1
     assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.032 | 0.25410 ± 0.00210 (3) | -0.04790 * |" in text
     assert "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.00210 *" in text  # paired: t = 36
     # seed means: AdamW 0.402, 0.302, 0.252 (seeds add 0, 0.002, 0.004); Muon 0.05 lower, exactly paired
