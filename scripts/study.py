@@ -360,13 +360,14 @@ METRICS = (('val', 5), ('attentive', 3), ('linear', 3))  # a table's columns: ke
 def fmt_table(stats, floor):
     """A table's text from its stats (Study.table_stats); floor: whether the last row is the random encoder,
     as in the tables of encoders. The probe table's rows (no floor) probe one encoder: its val loss compares nothing."""
+    compared = {key for key, _ in METRICS if floor or key != 'val'}  # the probe table's val loss is one encoder's
     base, rows = stats[0], []
     for i, s in enumerate(stats):
         row = s['row']
         cells = [row.name + (f" (`{' '.join(row.flags + row.probe)}`)" if row.flags or row.probe else ''),
                  f"{row.optimizer} {s['lr']:g}" if s['runs'] else '–']
         for key, digits in METRICS:
-            delta = ('–' if key == 'val' and not floor else 'baseline' if i == 0 else
+            delta = ('–' if key not in compared else 'baseline' if i == 0 else
                      fmt_delta(s['seeds'][key], base['seeds'][key], digits))
             cells += [fmt(s[key], digits), delta]
         rows.append(cells + [row.blog or '–'])
@@ -374,9 +375,9 @@ def fmt_table(stats, floor):
                             'blog'], rows)
     n = min((s['val'][2] for s in stats if s['val']), default=0)  # the seeds every row has so far
     train_s = {r['name']: r['train_s'] for s in stats for r in s['runs']}  # a run in two rows trained once
-    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key, _ in METRICS if floor or key != 'val'}
+    res = {key: resolution([s[key][1] for s in stats if s[key]], n) for key in compared}
     marks = [f"**{res[key]:.{digits}f}** {name}" for (key, digits), name in
-             zip(METRICS, ('in val loss', 'attentive', 'linear top-1')) if key in res and not math.isnan(res[key])]
+             zip(METRICS, ('in val loss', 'attentive', 'linear top-1')) if key in compared and not math.isnan(res[key])]
     marks = ', '.join(marks[:-1]) + ' and ' + marks[-1] if len(marks) > 1 else ''.join(marks)
     tested = (f"* where a paired t-test rejects no difference at 5% two-sided (|Δ| > t·SD/√n of the seed "
               f"differences, t = {T_975.get(n - 1)} at {n} seeds), so about 1 comparison in 20 is marked when nothing "
