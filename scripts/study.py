@@ -17,7 +17,8 @@ The tuned study (config/fmnist.py; every optimizer tuned beyond the lr, docs/stu
 
     python scripts/study.py tune --config=config/fmnist.py --length=300 --optimizers=adamw   # (and muon) KNOBS,
                                       #    one at a time, until each best is inside its grid
-    python scripts/study.py scale ...  # the lr re-tuned at 4x and 16x, 3 seeds each, probed; one check per knob
+    python scripts/study.py scale ...  # lr and weight decay re-tuned at 4x and 16x, 3 seeds each, probed;
+                                      #    one check per other knob
     python scripts/study.py probes ... # scale's probes alone (a probe added after scale started)
     python scripts/study.py rows ...   # the blog's rows at 4x, each optimizer at its tuned setting there
     python scripts/study.py report_tuned ...   # -> the --results folder's study.md
@@ -37,6 +38,7 @@ two studies, their methods the phases. Statistics return numbers; the fmt_ funct
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -853,6 +855,8 @@ KNOBS = {  # in the order they are tuned; what is held fixed: HELD
              Knob('muon_weight_decay', (0.0, 0.05, 0.1, 0.2), floor=0.0), Knob('warmup_epochs', (0.5, 1.0, 2.0))),
 }
 
+RETUNED = {o: (LR, next(k for k in KNOBS[o] if k.key.endswith('weight_decay'))) for o in KNOBS}  # at every length
+
 HELD = {  # what the tuned protocol holds fixed, besides the config's model, data, batch and mask ratio
     'adamw': "beta1 0.9, eps 1e-8, warmup from lr/3 then cosine to 0",
     'muon': ("momentum 0.95, Nesterov, 5 Newton-Schulz steps, lr adjusted match_rms_adamw; its AdamW side's betas "
@@ -916,24 +920,34 @@ class TunedStudy(Study):
                 return setting
         return setting
 
-    def length_settings(self, optimizer, wait=True, trace=None, lr_sweeps=None):
-        """{iters: the tuned setting} at the short length and at 4x and 16x it: the short length's
-        tuned setting with its lr re-tuned at each longer length (from half, once and twice the
-        previous length's best, bracketed). Stops at the first length not finished (report).
-        trace: coordinate_tune's; lr_sweeps: a list that receives (iters, {lr: summary}, best)."""
+    def length_settings(self, optimizer, wait=True, trace=None, sweeps=None):
+        """{iters: the tuned setting} at the short length and at 4x and 16x it. At each longer
+        length the previous length's setting has its lr and its weight decay re-tuned in turn
+        (RETUNED), each from half, once and twice its best so far (from its first grid's two
+        lowest at 0), bracketed, until a sweep after the first moves nothing: decoupled decay
+        averages the weights over about 1 / (lr * wd) steps, a timescale that should grow
+        with the run, so neither knob holds across lengths alone. Stops at the first length
+        not finished (report). trace: coordinate_tune's; sweeps: a list that receives
+        (iters, key, {value: summary}, best)."""
         setting = self.coordinate_tune(optimizer, self.length, wait, trace)
         if setting is None:
             return {}
         out = {self.length: setting}
         for iters in (4 * self.length, 16 * self.length):
-            lr = setting['lr']
-            best, done = self.sweep_until_inside(
-                LR, (lr / 2, lr, 2 * lr), lambda v: self.setting_run(optimizer, with_lr(setting, v), iters), wait)
-            if lr_sweeps is not None:
-                lr_sweeps.append((iters, done, best))
-            if best is None:
-                break
-            setting = out[iters] = with_lr(setting, best)
+            for n, knob in enumerate(itertools.islice(itertools.cycle(RETUNED[optimizer]), 6)):
+                v = setting[knob.key]
+                def run_of(x):
+                    return self.setting_run(optimizer, with_lr(setting, x) if knob is LR else {**setting, knob.key: x},
+                                            iters)
+                best, done = self.sweep_until_inside(knob, (v / 2, v, 2 * v) if v else knob.grid[:2], run_of, wait)
+                if sweeps is not None:
+                    sweeps.append((iters, knob.key, done, best))
+                if best is None:
+                    return out
+                setting = with_lr(setting, best) if knob is LR else {**setting, knob.key: best}
+                if n and best == v:
+                    break
+            out[iters] = setting
         return out
 
     def tuned_at(self, iters):
@@ -941,12 +955,14 @@ class TunedStudy(Study):
         return {o: self.length_settings(o, wait=False).get(iters) for o in ('adamw', 'muon')}
 
     def check_runs(self, optimizer, tuned, trace):
-        """At the longest length, one run per knob besides the lr: the knob moved to its
+        """At the longest length, one run per knob not re-tuned there: the knob moved to its
         runner-up side at the short length (the neighbour with the lower loss there; up from a
         floor; an AdamW-side lr by the same ratio to the tuned one). {knob: Run}."""
         last = {key: (done, best) for _, key, done, best in trace}  # each knob's final sweep at the short length
         out = {}
         for knob in KNOBS[optimizer][1:]:
+            if knob in RETUNED[optimizer]:
+                continue  # tuned at every length
             done, best = last[knob.key]
             ladder = sorted(done, key=knob.geometric)
             i = ladder.index(best)
@@ -972,8 +988,8 @@ class TunedStudy(Study):
             print(f"{optimizer} at {self.length} steps: {setting}")
 
     def scale(self):
-        """The real-data protocol after tune, for each of --optimizers: the lr re-tuned at 4x and
-        16x the short length; every length's tuned setting at --seeds seeds, each encoder probed
+        """The real-data protocol after tune, for each of --optimizers: the lr and the weight decay
+        re-tuned at 4x and 16x the short length (length_settings); every length's tuned setting at --seeds seeds, each encoder probed
         (probe_final), the lengths already tuned first; then, at 16x, one check of each other tuned knob."""
         for optimizer in self.optimizers:
             trace, done = [], []
@@ -1039,10 +1055,10 @@ class TunedStudy(Study):
                  "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
                  "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
                  "knob over its best and its neighbours, until a pass changes nothing.", '']
-        settings, traces, lr_sweeps = {}, {}, {}
+        settings, traces, sweeps = {}, {}, {}
         for optimizer in KNOBS:
-            traces[optimizer], lr_sweeps[optimizer] = [], []
-            settings[optimizer] = self.length_settings(optimizer, False, traces[optimizer], lr_sweeps[optimizer])
+            traces[optimizer], sweeps[optimizer] = [], []
+            settings[optimizer] = self.length_settings(optimizer, False, traces[optimizer], sweeps[optimizer])
             for n, key, runs, best in traces[optimizer]:
                 lines.append(f"- {optimizer}, pass {n}, {key}: {fmt_sweep(runs, best)}"
                              + ('' if best is not None else ' (unfinished)'))
@@ -1054,7 +1070,7 @@ class TunedStudy(Study):
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
-        lines += self.lengths_section(settings, runs_at, lr_sweeps)
+        lines += self.lengths_section(settings, runs_at, sweeps)
         lines += self.checks_section(settings, traces, runs_at)
         lines += self.probes_section(runs_at, floors) + ['']
         at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
@@ -1064,18 +1080,18 @@ class TunedStudy(Study):
                 lines += [f"## {name}, at {4 * L} steps", '', fmt_table(stats, name != 'probe_optimizer'), '']
         self.write('study.md', lines)
 
-    def lengths_section(self, settings, runs_at, lr_sweeps):
+    def lengths_section(self, settings, runs_at, sweeps):
         """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
-        Muon's speedup; the lr sweeps of the longer lengths."""
+        Muon's speedup; the sweeps of the longer lengths."""
         at = {(o, n): dict(lr=settings[o][n]['lr'], inside=True, finals=by_seed(runs, lambda r: r['final_val']))
               for (o, n), runs in runs_at.items() if runs}
         return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
                 *versus_lines(at, (self.length, 4 * self.length, 16 * self.length)),
-                '', "Each length's lr re-tuned around the previous length's best (half, once, twice; widened at an "
-                "edge), the other knobs held at the short length's tuned values (an untied AdamW-side lr keeps its "
-                "ratio to Muon's):", '',
-                *(f"- {o}, {n} steps: " + fmt_sweep(runs, best)
-                  for o, sweeps in lr_sweeps.items() for n, runs, best in sweeps)]
+                '', "Each longer length re-tunes the lr and the weight decay in turn, each around its best so far "
+                "(half, once, twice; widened at an edge), until a sweep after the first moves nothing; the other "
+                "knobs stay at the short length's tuned values (an untied AdamW-side lr keeps its ratio to Muon's):",
+                '', *(f"- {o}, {n} steps, {key}: " + fmt_sweep(runs, best) + ('' if best is not None else ' (unfinished)')
+                      for o, trace in sweeps.items() for n, key, runs, best in trace)]
 
     def checks_section(self, settings, traces, runs_at):
         """Each check at the longest length against the tuned setting there (seed 0), beside the

@@ -322,17 +322,19 @@ def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(t
     """Made-up summaries from a known bowl over the knobs: the tuner (in report mode, which
     trains nothing) asks for runs until every knob's best is inside its grid or on its floor,
     and returns the bowl's minimum on the grids' ladders; then each longer length re-tunes
-    the lr around the previous best, and the checks move each other knob to its runner-up side."""
+    the lr and the weight decay in turn around the previous best until neither moves, and
+    the checks move each other knob to its runner-up side."""
     import math
     S, a = made_up_study(tmp_path)
-    optimum = dict(lr=3.2e-2, beta2=0.9999, weight_decay=0.0, warmup_epochs=2.0)  # lr and beta2 past the first grids
+    optimum = dict(lr=3.2e-2, beta2=0.9999, weight_decay=0.2, warmup_epochs=2.0)  # lr, beta2, wd past the first grids
 
     def loss(run):
-        s = adamw_setting(run)
-        lr_opt = optimum['lr'] / 2 ** math.log(run.iters / 12, 4)  # the best lr halves with each 4x in length
+        s, lengths = adamw_setting(run), math.log(run.iters / 12, 4)
+        lr_opt = optimum['lr'] / 2 ** lengths  # the best lr halves with each 4x in length, the best decay quarters
+        wd_opt = optimum['weight_decay'] / 4 ** lengths
         return (math.log(s['lr'] / lr_opt) ** 2 + math.log((1 - s['beta2']) / (1 - optimum['beta2'])) ** 2
-                + s['weight_decay'] + 0.1 * (s['warmup_epochs'] - optimum['warmup_epochs']) ** 2
-                + 1 / run.iters)
+                + math.log((s['weight_decay'] + 1e-3) / wd_opt) ** 2
+                + 0.1 * (s['warmup_epochs'] - optimum['warmup_epochs']) ** 2 + 1 / run.iters)
     trace = []
     setting, asked = fill(a, lambda: a.coordinate_tune('adamw', 12, wait=False, trace=trace.clear() or trace), loss)
     assert setting == optimum, setting
@@ -342,13 +344,22 @@ def test_coordinate_tuning_brackets_every_knob_and_repeats_until_nothing_moves(t
         knob = next(k for k in S.KNOBS['adamw'] if k.key == key)
         assert min(done) < best < max(done) or best == knob.floor, (n, key, sorted(done), best)
 
-    settings, _ = fill(a, lambda: (lambda s: s if len(s) == 3 else None)(a.length_settings('adamw', wait=False)), loss)
-    assert {n: s['lr'] for n, s in settings.items()} == {12: 3.2e-2, 48: 1.6e-2, 192: 8e-3}
-    assert all({**s, 'lr': 0} == {**optimum, 'lr': 0} for s in settings.values())  # the other knobs held
+    sweeps = []
+    settings, asked = fill(a, lambda: (lambda s: s if len(s) == 3 else None)(
+        a.length_settings('adamw', wait=False, sweeps=sweeps.clear() or sweeps)), loss)
+    assert len(asked) == len(set(asked))
+    assert {n: (s['lr'], s['weight_decay']) for n, s in settings.items()} == {
+        12: (3.2e-2, 0.2), 48: (1.6e-2, 0.05), 192: (8e-3, 0.0125)}
+    assert all({**s, 'lr': 0, 'weight_decay': 0} == {**optimum, 'lr': 0, 'weight_decay': 0}
+               for s in settings.values())  # the other knobs held
+    # at each longer length: the lr moves, the decay moves, the lr again confirms; each bracketed
+    assert [(n, key) for n, key, *_ in sweeps] == [(n, key) for n in (48, 192)
+                                                  for key in ('lr', 'weight_decay', 'lr')]
+    assert all(min(done) < best < max(done) for *_, done, best in sweeps)
     checks = a.check_runs('adamw', settings[192], trace)
-    assert {k: adamw_setting(r)[k] for k, r in checks.items()} == dict(beta2=0.999, weight_decay=0.05,
-                                                                       warmup_epochs=1.0)  # nearer than 4
-    assert all(r.iters == 192 and r.lr == 8e-3 for r in checks.values())
+    assert {k: adamw_setting(r)[k] for k, r in checks.items()} == dict(beta2=0.999, warmup_epochs=1.0)  # nearer than 4
+    assert all(r.iters == 192 and r.lr == 8e-3 and adamw_setting(r)['weight_decay'] == 0.0125
+               for r in checks.values())
 
 
 def test_the_adamw_side_check_moves_its_ratio_to_the_lr_not_its_short_length_value(tmp_path):
@@ -480,11 +491,15 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     # at 48 steps Muon's 0.252 is AdamW's at 192: 4x by every rule
     assert "- Muon at 48 steps (0.2520, n = 3): log-linear 4.00x (" in text
     assert "; linear 4.00x; power law 4.00x\n" in text
-    # the checks: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001 (do not hold)
-    assert text.count('the short length\'s value holds') == 3 and text.count('DOES NOT HOLD') == 3
+    # each longer length's sweeps: the lr, then the decay (the default's flagless run wins), by name
+    assert "- adamw, 48 steps, lr: 0.004: " in text and "- muon, 192 steps, muon_weight_decay: " in text
+    assert text.count(' steps, lr: ') == 4 and text.count(' steps, weight_decay: ') == 2  # each once: neither moved
+    assert text.count(' steps, muon_weight_decay: ') == 2
+    # the checks, of the knobs not re-tuned per length: AdamW's moved knobs cost 0.001 (hold); Muon's gain 0.01 - 0.001
+    assert text.count('the short length\'s value holds') == 2 and text.count('DOES NOT HOLD') == 2
     # the seed SD at 192 steps is 0.002 (seeds 0.002 apart): AdamW's +0.001 is within 2·sqrt(2)·0.002, Muon's -0.009 not
     assert "The seed SD of a final run there is 0.0020;" in text
-    assert text.count("value holds (within the noise)") == 3 and "HOLD (within" not in text
+    assert text.count("value holds (within the noise)") == 2 and "HOLD (within" not in text
     # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s;
     # all tokens 0.85 + 0.02 s against a random encoder's 0.82 + 0.01 s and the pixels' 0.8
     assert ("- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; random all tokens +0.040 *; "
