@@ -865,6 +865,12 @@ HELD = {  # what the tuned protocol holds fixed, besides the config's model, dat
 }
 
 
+def final_vals(settings, runs_at):
+    """versus_lines' input from a tuned study: {(optimizer, iters): dict(lr, inside, finals {seed: final val})}."""
+    return {(o, n): dict(lr=settings[o][n]['lr'], inside=True, finals=by_seed(runs, lambda r: r['final_val']))
+            for (o, n), runs in runs_at.items() if runs}
+
+
 def with_lr(setting, lr):
     """setting with its peak lr moved to lr; an untied AdamW side moves with it (its ratio kept)."""
     side = setting.get('adamw_lr')
@@ -920,7 +926,7 @@ class TunedStudy(Study):
                 return setting
         return setting
 
-    def length_settings(self, optimizer, wait=True, trace=None, sweeps=None):
+    def length_settings(self, optimizer, wait=True, trace=None, sweeps=None, retuned=None):
         """{iters: the tuned setting} at the short length and at 4x and 16x it. At each longer
         length the previous length's setting has its lr and its weight decay re-tuned in turn
         (RETUNED), each from half, once and twice its best so far (from its first grid's two
@@ -928,13 +934,15 @@ class TunedStudy(Study):
         averages the weights over about 1 / (lr * wd) steps, a timescale that should grow
         with the run, so neither knob holds across lengths alone. Stops at the first length
         not finished (report). trace: coordinate_tune's; sweeps: a list that receives
-        (iters, key, {value: summary}, best)."""
+        (iters, key, {value: summary}, best); retuned: the knobs re-tuned, if not RETUNED's
+        ((LR,): the protocol before b5b6415)."""
         setting = self.coordinate_tune(optimizer, self.length, wait, trace)
         if setting is None:
             return {}
         out = {self.length: setting}
+        knobs = retuned or RETUNED[optimizer]
         for iters in (4 * self.length, 16 * self.length):
-            for n, knob in enumerate(itertools.islice(itertools.cycle(RETUNED[optimizer]), 6)):
+            for n, knob in enumerate(itertools.islice(itertools.cycle(knobs), 6)):
                 v = setting[knob.key]
                 def run_of(x):
                     return self.setting_run(optimizer, with_lr(setting, x) if knob is LR else {**setting, knob.key: x},
@@ -945,7 +953,7 @@ class TunedStudy(Study):
                 if best is None:
                     return out
                 setting = with_lr(setting, best) if knob is LR else {**setting, knob.key: best}
-                if n and best == v:
+                if len(knobs) == 1 or n and best == v:  # (one knob: its one sweep is bracketed)
                     break
             out[iters] = setting
         return out
@@ -954,14 +962,14 @@ class TunedStudy(Study):
         """{optimizer: its tuned setting at iters steps} of AdamW and Muon, None where unfinished."""
         return {o: self.length_settings(o, wait=False).get(iters) for o in ('adamw', 'muon')}
 
-    def check_runs(self, optimizer, tuned, trace):
+    def check_runs(self, optimizer, tuned, trace, retuned=None):
         """At the longest length, one run per knob not re-tuned there: the knob moved to its
         runner-up side at the short length (the neighbour with the lower loss there; up from a
-        floor; an AdamW-side lr by the same ratio to the tuned one). {knob: Run}."""
+        floor; an AdamW-side lr by the same ratio to the tuned one). {knob: Run}. retuned: as length_settings'."""
         last = {key: (done, best) for _, key, done, best in trace}  # each knob's final sweep at the short length
         out = {}
         for knob in KNOBS[optimizer][1:]:
-            if knob in RETUNED[optimizer]:
+            if knob in (retuned or RETUNED[optimizer]):
                 continue  # tuned at every length
             done, best = last[knob.key]
             ladder = sorted(done, key=knob.geometric)
@@ -1065,35 +1073,52 @@ class TunedStudy(Study):
             tuned = settings[optimizer].get(L)
             lines += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
                       if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
-        runs_at = {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
-                   for n in (L, 4 * L, 16 * L) for o in ('adamw', 'muon')}
+        runs_at = self.final_summaries(settings)
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
-        lines += self.lengths_section(settings, runs_at, sweeps)
-        lines += self.checks_section(settings, traces, runs_at)
-        lines += self.probes_section(runs_at, floors) + ['']
-        at = {o: settings[o].get(4 * L) for o in ('adamw', 'muon')}
-        if None not in at.values():
-            for name in self.tables:
-                stats = self.table_stats(name, lambda row: self.row_run(row, at), floors['random'])
-                lines += [f"## {name}, at {4 * L} steps", '', fmt_table(stats, name != 'probe_optimizer'), '']
+        lines += self.results_lines(settings, traces, sweeps, floors)
+        earlier, sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
+        for optimizer in KNOBS:
+            earlier[optimizer] = self.length_settings(optimizer, False, sweeps=sweeps[optimizer], retuned=(LR,))
+        if earlier != settings:
+            lines += ['# Before the weight decay was re-tuned per length', '',
+                      f"Until commit b5b6415 each longer length re-tuned the lr alone; every other knob, the weight "
+                      f"decay included, kept its {L}-step value. The runs of those settings:", '',
+                      *self.results_lines(earlier, traces, sweeps, floors, (LR,))]
         self.write('study.md', lines)
 
-    def lengths_section(self, settings, runs_at, sweeps):
+    def final_summaries(self, settings):
+        """{(optimizer, iters): the summaries of its setting's runs at every seed}; settings {optimizer: {iters: setting}}."""
+        return {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
+                for n in (self.length, 4 * self.length, 16 * self.length) for o in ('adamw', 'muon')}
+
+    def results_lines(self, settings, traces, sweeps, floors, retuned=None):
+        """Sections 2 on of a protocol's settings {optimizer: {iters: setting}}: the lengths, the
+        checks, the probes, then --tables at 4x the short length (none while a setting there is missing)."""
+        runs_at = self.final_summaries(settings)
+        lines = (self.lengths_section(settings, runs_at, sweeps, retuned) + self.checks_section(settings, traces, runs_at, retuned)
+                 + self.probes_section(runs_at, floors) + [''])
+        at = {o: settings[o].get(4 * self.length) for o in ('adamw', 'muon')}
+        for name in self.tables if None not in at.values() else ():
+            stats = self.table_stats(name, lambda row: self.row_run(row, at), floors['random'])
+            lines += [f"## {name}, at {4 * self.length} steps", '', fmt_table(stats, name != 'probe_optimizer'), '']
+        return lines
+
+    def lengths_section(self, settings, runs_at, sweeps, retuned=None):
         """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
         Muon's speedup; the sweeps of the longer lengths."""
-        at = {(o, n): dict(lr=settings[o][n]['lr'], inside=True, finals=by_seed(runs, lambda r: r['final_val']))
-              for (o, n), runs in runs_at.items() if runs}
+        how = ("the lr and the weight decay in turn, each around its best so far (half, once, twice; widened at an "
+               "edge), until a sweep after the first moves nothing" if retuned is None else
+               "the lr around the previous length's best (half, once, twice; widened at an edge)")
         return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
-                *versus_lines(at, (self.length, 4 * self.length, 16 * self.length)),
-                '', "Each longer length re-tunes the lr and the weight decay in turn, each around its best so far "
-                "(half, once, twice; widened at an edge), until a sweep after the first moves nothing; the other "
-                "knobs stay at the short length's tuned values (an untied AdamW-side lr keeps its ratio to Muon's):",
+                *versus_lines(final_vals(settings, runs_at), (self.length, 4 * self.length, 16 * self.length)),
+                '', f"Each longer length re-tunes {how}; the other knobs stay at the short length's tuned values (an "
+                "untied AdamW-side lr keeps its ratio to Muon's):",
                 '', *(f"- {o}, {n} steps, {key}: " + fmt_sweep(runs, best) + ('' if best is not None else ' (unfinished)')
                       for o, trace in sweeps.items() for n, key, runs, best in trace)]
 
-    def checks_section(self, settings, traces, runs_at):
+    def checks_section(self, settings, traces, runs_at, retuned=None):
         """Each check at the longest length against the tuned setting there (seed 0), beside the
         seed SD of a final run there (pooled over both optimizers' seeds)."""
         checked, n = [], 16 * self.length
@@ -1103,7 +1128,7 @@ class TunedStudy(Study):
             base = self.summary(self.setting_run(optimizer, longest, 16 * self.length)) if longest else None
             if base is None or len(trace) < len(KNOBS[optimizer]):
                 continue
-            for key, run in self.check_runs(optimizer, longest, trace).items():
+            for key, run in self.check_runs(optimizer, longest, trace, retuned).items():
                 s = self.summary(run)
                 if s:
                     delta = s['final_val'] - base['final_val']

@@ -500,6 +500,7 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     # the seed SD at 192 steps is 0.002 (seeds 0.002 apart): AdamW's +0.001 is within 2·sqrt(2)·0.002, Muon's -0.009 not
     assert "The seed SD of a final run there is 0.0020;" in text
     assert text.count("value holds (within the noise)") == 2 and "HOLD (within" not in text
+    assert 'Before the weight decay was re-tuned' not in text  # it never moved: one protocol
     # probe margins paired by seed: AdamW attentive 0.5 + 0.01 s against 0.3; linear 0.6 + 0.02 s against 0.2 + 0.01 s;
     # all tokens 0.85 + 0.02 s against a random encoder's 0.82 + 0.01 s and the pixels' 0.8
     assert ("- adamw, 12 steps: random attentive +0.210 *; random linear +0.410 *; random all tokens +0.040 *; "
@@ -508,6 +509,45 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
             "pixels all tokens +0.120 *") in text
     assert "| 192 | 0.510 ± 0.010 (3) | 0.610 ± 0.010 (3) | 0.620 ± 0.020 (3) | 0.720 ± 0.020 (3) | 0.870 ± 0.020 (3) " \
         "| 0.920 ± 0.020 (3) |" in text
+
+
+def test_once_the_decay_moves_the_report_keeps_the_lr_only_protocol_in_its_own_part(tmp_path):
+    """Each optimizer's best weight decay quarters with each 4x in length, its best lr stays: the
+    per-length re-tune moves the decay, and the report gives both protocols from their own runs,
+    the earlier one (the lr alone re-tuned) with its weight-decay check at the longest length,
+    the current one without (its decay is tuned there)."""
+    import math
+    S, a = made_up_study(tmp_path)
+    key = {o: S.RETUNED[o][1].key for o in ('adamw', 'muon')}
+
+    def loss(run):
+        flags = dict(f[2:].split('=') for f in run.flags)
+        wd = float(flags.get(key[run.optimizer], a.defaults(run.optimizer)[key[run.optimizer]]))
+        return (math.log(run.lr / 4e-3) ** 2 + math.log((wd + 1e-3) / (0.1 / 4 ** math.log(run.iters / 12, 4))) ** 2
+                + 0.001 * len(flags) + 1 / run.iters)
+
+    def both():
+        got = {(o, r): a.length_settings(o, wait=False, retuned=r) for o in ('adamw', 'muon') for r in (None, (S.LR,))}
+        return got if all(len(g) == 3 for g in got.values()) else None
+    settings, _ = fill(a, both, loss)
+    for o in ('adamw', 'muon'):
+        assert [settings[o, None][n][key[o]] for n in (12, 48, 192)] == [0.1, 0.025, 0.00625]
+        assert [settings[o, (S.LR,)][n][key[o]] for n in (12, 48, 192)] == [0.1, 0.1, 0.1]
+        trace = []
+        a.coordinate_tune(o, 12, wait=False, trace=trace)
+        for r in (None, (S.LR,)):
+            for run in a.check_runs(o, settings[o, r][192], trace, r).values():
+                a.save(run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0, probes={}))
+    a.report_tuned()
+    now, _, earlier = (tmp_path / 'results' / 'study.md').read_text().partition(
+        '# Before the weight decay was re-tuned per length')
+    assert earlier, now
+    assert '- adamw, 48 steps, weight_decay: 0.0125: ' in now and '**0.025: ' in now
+    assert '- muon, 192 steps, muon_weight_decay: ' in now and '48 steps, lr: ' in earlier
+    assert ' steps, weight_decay: ' not in earlier
+    checks = [line for line in earlier.splitlines() if line.startswith(('- adamw, weight_decay: ', '- muon, muon_weight'))]
+    assert len(checks) == 2 and all('DOES NOT HOLD' in line for line in checks), checks
+    assert '- adamw, weight_decay: ' not in now and '- muon, muon_weight_decay: ' not in now
 
 
 def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypatch):
