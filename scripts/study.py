@@ -997,8 +997,9 @@ class TunedStudy(Study):
 
     def scale(self):
         """The real-data protocol after tune, for each of --optimizers: the lr and the weight decay
-        re-tuned at 4x and 16x the short length (length_settings); every length's tuned setting at --seeds seeds, each encoder probed
-        (probe_final), the lengths already tuned first; then, at 16x, one check of each other tuned knob."""
+        re-tuned at 4x and 16x the short length (length_settings); every length's tuned setting at
+        --seeds seeds, each encoder probed (probe_final), the lengths already tuned first; then, at
+        16x, one check of each other tuned knob."""
         for optimizer in self.optimizers:
             trace, done = [], []
             for wait in (False, True):  # the lengths tuned so far first: a longer length's sweep holds back no seed
@@ -1097,8 +1098,8 @@ class TunedStudy(Study):
         """Sections 2 on of a protocol's settings {optimizer: {iters: setting}}: the lengths, the
         checks, the probes, then --tables at 4x the short length (none while a setting there is missing)."""
         runs_at = self.final_summaries(settings)
-        lines = (self.lengths_section(settings, runs_at, sweeps, retuned) + self.checks_section(settings, traces, runs_at, retuned)
-                 + self.probes_section(runs_at, floors) + [''])
+        lines = (self.lengths_section(settings, runs_at, sweeps, retuned)
+                 + self.checks_section(settings, traces, runs_at, retuned) + self.probes_section(runs_at, floors) + [''])
         at = {o: settings[o].get(4 * self.length) for o in ('adamw', 'muon')}
         for name in self.tables if None not in at.values() else ():
             stats = self.table_stats(name, lambda row: self.row_run(row, at), floors['random'])
