@@ -1116,7 +1116,8 @@ class TunedStudy(Study):
                 *versus_lines(final_vals(settings, runs_at), (self.length, 4 * self.length, 16 * self.length)),
                 '', f"Each longer length re-tunes {how}; the other knobs stay at the short length's tuned values (an "
                 "untied AdamW-side lr keeps its ratio to Muon's):",
-                '', *(f"- {o}, {n} steps, {key}: " + fmt_sweep(runs, best) + ('' if best is not None else ' (unfinished)')
+                '', *(f"- {o}, {n} steps, {key}: " + (fmt_sweep(runs, best) or 'none finished')
+                      + ('' if best is not None else ' (unfinished)')
                       for o, trace in sweeps.items() for n, key, runs, best in trace)]
 
     def checks_section(self, settings, traces, runs_at, retuned=None):
