@@ -1078,7 +1078,7 @@ class TunedStudy(Study):
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
-        lines += self.results_lines(settings, traces, sweeps, floors)
+        lines += self.results_lines(settings, runs_at, traces, sweeps, floors)
         earlier, sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
         for optimizer in KNOBS:
             earlier[optimizer] = self.length_settings(optimizer, False, sweeps=sweeps[optimizer], retuned=(LR,))
@@ -1086,7 +1086,7 @@ class TunedStudy(Study):
             lines += ['# Before the weight decay was re-tuned per length', '',
                       f"Until commit b5b6415 each longer length re-tuned the lr alone; every other knob, the weight "
                       f"decay included, kept its {L}-step value. The runs of those settings:", '',
-                      *self.results_lines(earlier, traces, sweeps, floors, (LR,))]
+                      *self.results_lines(earlier, self.final_summaries(earlier), traces, sweeps, floors, (LR,))]
         self.write('study.md', lines)
 
     def final_summaries(self, settings):
@@ -1094,10 +1094,10 @@ class TunedStudy(Study):
         return {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
                 for n in (self.length, 4 * self.length, 16 * self.length) for o in ('adamw', 'muon')}
 
-    def results_lines(self, settings, traces, sweeps, floors, retuned=None):
-        """Sections 2 on of a protocol's settings {optimizer: {iters: setting}}: the lengths, the
-        checks, the probes, then --tables at 4x the short length (none while a setting there is missing)."""
-        runs_at = self.final_summaries(settings)
+    def results_lines(self, settings, runs_at, traces, sweeps, floors, retuned=None):
+        """Sections 2 on of a protocol's settings {optimizer: {iters: setting}} (runs_at: final_summaries'):
+        the lengths, the checks, the probes, then --tables at 4x the short length (none while a setting
+        there is missing)."""
         lines = (self.lengths_section(settings, runs_at, sweeps, retuned)
                  + self.checks_section(settings, traces, runs_at, retuned) + self.probes_section(runs_at, floors) + [''])
         at = {o: settings[o].get(4 * self.length) for o in ('adamw', 'muon')}
