@@ -1078,15 +1078,15 @@ class TunedStudy(Study):
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
-        lines += self.results_lines(settings, runs_at, traces, sweeps, floors)
-        earlier, sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
+        earlier, earlier_sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
         for optimizer in KNOBS:
-            earlier[optimizer] = self.length_settings(optimizer, False, sweeps=sweeps[optimizer], retuned=(LR,))
+            earlier[optimizer] = self.length_settings(optimizer, False, sweeps=earlier_sweeps[optimizer], retuned=(LR,))
+        lines += self.results_lines(settings, runs_at, traces, sweeps, floors, elsewhere=earlier != settings)
         if earlier != settings:
             lines += ['# Before the weight decay was re-tuned per length', '',
                       f"Until commit b5b6415 each longer length re-tuned the lr alone; every other knob, the weight "
                       f"decay included, kept its {L}-step value. The runs of those settings:", '',
-                      *self.results_lines(earlier, self.final_summaries(earlier), traces, sweeps, floors, (LR,))]
+                      *self.results_lines(earlier, self.final_summaries(earlier), traces, earlier_sweeps, floors, (LR,))]
         self.write('study.md', lines)
 
     def final_summaries(self, settings):
@@ -1094,16 +1094,19 @@ class TunedStudy(Study):
         return {(o, n): self.seed_summaries(self.setting_run(o, settings[o][n], n)) if n in settings[o] else []
                 for n in (self.length, 4 * self.length, 16 * self.length) for o in ('adamw', 'muon')}
 
-    def results_lines(self, settings, runs_at, traces, sweeps, floors, retuned=None):
+    def results_lines(self, settings, runs_at, traces, sweeps, floors, retuned=None, elsewhere=False):
         """Sections 2 on of a protocol's settings {optimizer: {iters: setting}} (runs_at: final_summaries'):
         the lengths, the checks, the probes, then --tables at 4x the short length (none while a setting
-        there is missing)."""
+        there is missing); elsewhere: the earlier protocol's part follows, which has the rows not run here."""
         lines = (self.lengths_section(settings, runs_at, sweeps, retuned)
                  + self.checks_section(settings, traces, runs_at, retuned) + self.probes_section(runs_at, floors) + [''])
         at = {o: settings[o].get(4 * self.length) for o in ('adamw', 'muon')}
         for name in self.tables if None not in at.values() else ():
             stats = self.table_stats(name, lambda row: self.row_run(row, at), floors['random'])
             lines += [f"## {name}, at {4 * self.length} steps", '', fmt_table(stats, name != 'probe_optimizer'), '']
+            if elsewhere and not all(s['runs'] for s in stats if s['lr'] is not None):  # the floor row has no lr
+                lines += ["A row with no runs (–) was not run at these settings; the part before the weight decay "
+                          "was re-tuned per length, below, has the rows run at its settings.", '']
         return lines
 
     def lengths_section(self, settings, runs_at, sweeps, retuned=None):

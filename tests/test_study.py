@@ -538,6 +538,7 @@ def test_once_the_decay_moves_the_report_keeps_the_lr_only_protocol_in_its_own_p
         for r in (None, (S.LR,)):
             for run in a.check_runs(o, settings[o, r][192], trace, r).values():
                 a.save(run, dict(run._asdict(), name=run.name, final_val=loss(run), curve={}, train_s=1.0, probes={}))
+    a.tables = ['blog']
     a.report_tuned()
     now, _, earlier = (tmp_path / 'results' / 'study.md').read_text().partition(
         '# Before the weight decay was re-tuned per length')
@@ -548,6 +549,8 @@ def test_once_the_decay_moves_the_report_keeps_the_lr_only_protocol_in_its_own_p
     checks = [line for line in earlier.splitlines() if line.startswith(('- adamw, weight_decay: ', '- muon, muon_weight'))]
     assert len(checks) == 2 and all('DOES NOT HOLD' in line for line in checks), checks
     assert '- adamw, weight_decay: ' not in now and '- muon, muon_weight_decay: ' not in now
+    note = 'A row with no runs (–) was not run at these settings'
+    assert '## blog, at 48 steps' in now and note in now and note not in earlier  # no row ran: the earlier part has none either
 
 
 def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypatch):
