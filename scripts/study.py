@@ -871,6 +871,13 @@ def final_vals(settings, runs_at):
             for (o, n), runs in runs_at.items() if runs}
 
 
+def timescale(optimizer, setting):
+    """The steps decoupled weight decay averages the weights over at the peak lr, 1/(lr·wd)
+    (Wang & Aitchison 2025): the decay of the weights RETUNED holds (Muon's on Muon's matrices)."""
+    rate = setting['lr'] * setting[RETUNED[optimizer][1].key]
+    return 1 / rate if rate else math.inf
+
+
 def with_lr(setting, lr):
     """setting with its peak lr moved to lr; an untied AdamW side moves with it (its ratio kept)."""
     side = setting.get('adamw_lr')
@@ -1111,12 +1118,16 @@ class TunedStudy(Study):
 
     def lengths_section(self, settings, runs_at, sweeps, retuned=None):
         """Section 2: AdamW against Muon at each length, each at its tuned setting, paired by seed;
-        Muon's speedup; the sweeps of the longer lengths."""
+        Muon's speedup; each setting's weight-decay timescale; the sweeps of the longer lengths."""
         how = ("the lr and the weight decay in turn, each around its best so far (half, once, twice; widened at an "
                "edge), until a sweep after the first moves nothing" if retuned is None else
                "the lr around the previous length's best (half, once, twice; widened at an edge)")
         return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
                 *versus_lines(final_vals(settings, runs_at), (self.length, 4 * self.length, 16 * self.length)),
+                '', "The weight decay's averaging timescale at the peak lr (decoupled decay keeps about the last "
+                "1/(lr·wd) updates) of each tuned setting, in steps and as a fraction of its run: " + '; '.join(
+                    f"{o} " + ', '.join(f"{timescale(o, s):.0f} ({timescale(o, s) / n:.2f}) at {n} steps"
+                                        for n, s in settings[o].items()) for o in ('adamw', 'muon') if settings[o]) + '.',
                 '', f"Each longer length re-tunes {how}; the other knobs stay at the short length's tuned values (an "
                 "untied AdamW-side lr keeps its ratio to Muon's):",
                 '', *(f"- {o}, {n} steps, {key}: " + (fmt_sweep(runs, best) or 'none finished')
