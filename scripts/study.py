@@ -878,6 +878,14 @@ def timescale(optimizer, setting):
     return 1 / rate if rate else math.inf
 
 
+def fmt_timescales(settings):
+    """Each tuned setting's timescale, settings {optimizer: {iters: setting}}."""
+    each = [f"{o} " + ', '.join(f"{timescale(o, s):.0f} ({timescale(o, s) / n:.2f}) at {n} steps" for n, s in by_length.items())
+            for o, by_length in settings.items() if by_length]
+    return ("The weight decay's averaging timescale at the peak lr (decoupled decay keeps about the last 1/(lr·wd) "
+            f"updates) of each tuned setting, in steps and as a fraction of its run: {'; '.join(each)}.")
+
+
 def with_lr(setting, lr):
     """setting with its peak lr moved to lr; an untied AdamW side moves with it (its ratio kept)."""
     side = setting.get('adamw_lr')
@@ -1124,10 +1132,7 @@ class TunedStudy(Study):
                "the lr around the previous length's best (half, once, twice; widened at an edge)")
         return ['## 2. AdamW vs Muon at each length, each at its own tuned setting', '',
                 *versus_lines(final_vals(settings, runs_at), (self.length, 4 * self.length, 16 * self.length)),
-                '', "The weight decay's averaging timescale at the peak lr (decoupled decay keeps about the last "
-                "1/(lr·wd) updates) of each tuned setting, in steps and as a fraction of its run: " + '; '.join(
-                    f"{o} " + ', '.join(f"{timescale(o, s):.0f} ({timescale(o, s) / n:.2f}) at {n} steps"
-                                        for n, s in settings[o].items()) for o in ('adamw', 'muon') if settings[o]) + '.',
+                '', fmt_timescales(settings),
                 '', f"Each longer length re-tunes {how}; the other knobs stay at the short length's tuned values (an "
                 "untied AdamW-side lr keeps its ratio to Muon's):",
                 '', *(f"- {o}, {n} steps, {key}: " + (fmt_sweep(runs, best) or 'none finished')
