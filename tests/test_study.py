@@ -552,7 +552,7 @@ def test_once_the_decay_moves_the_report_keeps_the_lr_only_protocol_in_its_own_p
     assert 'adamw 2500 (208.33) at 12 steps, 10000 (208.33) at 48 steps, 40000 (208.33) at 192 steps;' in now  # 1/(lr·wd)
     assert 'muon 2500 (208.33) at 12 steps, 2500 (52.08) at 48 steps, 2500 (13.02) at 192 steps.' in earlier
     note = 'A row with no runs (–) was not run at these settings'
-    assert '## blog, at 48 steps' in now and note in now and note not in earlier  # no row ran: the earlier part has none either
+    assert '## blog, at 48 steps' in now and note in now and note not in earlier  # the part the note points to has none
 
 
 def test_a_best_lr_on_the_sweeps_edge_is_never_taken_as_tuned(tmp_path, monkeypatch):
