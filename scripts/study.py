@@ -1096,8 +1096,9 @@ class TunedStudy(Study):
         earlier, earlier_sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
         for optimizer in KNOBS:
             earlier[optimizer] = self.length_settings(optimizer, False, sweeps=earlier_sweeps[optimizer], retuned=(LR,))
-        lines += self.results_lines(settings, runs_at, traces, sweeps, floors, elsewhere=earlier != settings)
-        if earlier != settings:
+        moved = earlier != settings  # the per-length re-tune moved a weight decay: both protocols are reported
+        lines += self.results_lines(settings, runs_at, traces, sweeps, floors, elsewhere=moved)
+        if moved:
             lines += ['# Before the weight decay was re-tuned per length', '',
                       f"Until commit b5b6415 each longer length re-tuned the lr alone; every other knob, the weight "
                       f"decay included, kept its {L}-step value. The runs of those settings:", '',
