@@ -289,7 +289,7 @@ def fmt_speedup(steps, short, lengths):
 
 
 def fmt_machine_time(done):
-    return (f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] for r in done) / 3600:.1f} core-hours "
+    return (f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] + r.get('retrain_s', 0) for r in done) / 3600:.1f} core-hours "
             f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.")
 
 
@@ -518,26 +518,58 @@ class Study:
             if not mine:
                 print(f"in progress elsewhere: {run.name}")
                 return None
-            out_dir = os.path.join(self.out, run.name)
-            resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
-            spent = spent_before(out_dir) if resume else 0.0
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
-                json.dump(dict(spent=spent, started=time.time()), f)
-            log = os.path.join(out_dir, 'log.jsonl')
-            seconds = self.execute('train_mae.py', run.argv(self.config) + [f'--out_dir={out_dir}'] +
-                                   (['--init_from=resume'] if resume else []) + list(self.train_args),
-                                   failure_ok=lambda: diverged_at(read_log(log)) is not None)
-            records = read_log(log)
-            diverged = diverged_at(records)
-            curve = {r['step']: r['val_loss'] for r in records if math.isfinite(r.get('val_loss', math.nan))}
-            if diverged is None and max(curve, default=0) != run.iters:  # stopped by a signal: saved and exited
-                sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
+            curve, diverged, seconds = self.fit(run)
             summary = dict(run._asdict(), name=run.name, config=self.config_name, curve=curve,  # diverged: worst
-                           final_val=math.inf if diverged else curve[max(curve)], train_s=spent + seconds, probes={},
+                           final_val=math.inf if diverged else curve[max(curve)], train_s=seconds, probes={},
                            **({'diverged_at': diverged} if diverged else {}))
             self.save(run, summary)
             return summary
+
+    def fit(self, run):
+        """train_mae.py on run in its out dir, from its checkpoint if it has one (the caller holds
+        run's lock): (val curve {step: loss}, the step it diverged at or None, wall seconds of
+        every attempt). A run stopped before its end (by a signal: saved and exited) ends the phase."""
+        out_dir = os.path.join(self.out, run.name)
+        resume = os.path.exists(os.path.join(out_dir, 'ckpt.pt'))
+        spent = spent_before(out_dir) if resume else 0.0
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'spent_s.json'), 'w') as f:
+            json.dump(dict(spent=spent, started=time.time()), f)
+        log = os.path.join(out_dir, 'log.jsonl')
+        seconds = self.execute('train_mae.py', run.argv(self.config) + [f'--out_dir={out_dir}'] +
+                               (['--init_from=resume'] if resume else []) + list(self.train_args),
+                               failure_ok=lambda: diverged_at(read_log(log)) is not None)
+        records = read_log(log)
+        diverged = diverged_at(records)
+        curve = {r['step']: r['val_loss'] for r in records if math.isfinite(r.get('val_loss', math.nan))}
+        if diverged is None and max(curve, default=0) != run.iters:
+            sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
+        return curve, diverged, spent + seconds
+
+    def restore(self, run):
+        """The encoder of a finished run, trained again where its checkpoint is missing or
+        unfinished (the out dir stays on the machine that trained it; the summary is what lands):
+        a probe needs it. The summary keeps its figures and gains the re-run's final val loss
+        (retrained_val; the same seed on the same code, so a mismatch is printed) and wall time
+        (retrain_s)."""
+        out_dir = os.path.join(self.out, run.name)
+        log = os.path.join(out_dir, 'log.jsonl')
+        if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and os.path.exists(log) and max(
+                (r['step'] for r in read_log(log) if 'val_loss' in r), default=0) == run.iters:
+            return
+        if self.dry_run:
+            self.execute('train_mae.py', run.argv(self.config))
+            return
+        with self.lock(run) as mine:
+            if not mine:
+                return
+            curve, diverged, seconds = self.fit(run)
+            summary = self.summary(run)
+            summary.update(retrained_val=curve[max(curve)], retrain_s=summary.get('retrain_s', 0.0) + seconds)
+            self.save(run, summary)
+            if abs(summary['retrained_val'] - summary['final_val']) > 1e-4:
+                print(f"warning: {run.name} trained again ends at {summary['retrained_val']:.4f}, "
+                      f"not {summary['final_val']:.4f}; its probes read the new encoder", file=sys.stderr)
 
     def probe(self, run, flags=(), random_encoder=False):
         """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)
@@ -1042,14 +1074,17 @@ class TunedStudy(Study):
 
     def probe_final(self, run):
         """A final encoder probed: both heads, and the linear head on all its tokens (FLATTEN); beside
-        AdamW's short runs, per seed, the floors: a random encoder read both ways, and the pixels."""
-        floors = run.optimizer == 'adamw' and run.iters == self.length
-        for flags in ((), FLATTEN):
-            self.probe(run, flags)
-            if floors:
-                self.probe(run, flags, random_encoder=True)
-        if floors:
-            self.probe(run, PIXELS)
+        AdamW's short runs, per seed, the floors: a random encoder read both ways, and the pixels.
+        An encoder whose checkpoint is gone is trained again first (restore)."""
+        probes = [((), False), (FLATTEN, False)]
+        if run.optimizer == 'adamw' and run.iters == self.length:
+            probes += [((), True), (FLATTEN, True), (PIXELS, False)]
+        summary = self.summary(run)
+        if summary is None or all(probe_key(*p) in summary['probes'] for p in probes):
+            return
+        self.restore(run)
+        for flags, random_encoder in probes:
+            self.probe(run, flags, random_encoder)
 
     def rows(self):
         """The tuned study's tables (--tables; the blog's rows and its probe experiment) at 4x the

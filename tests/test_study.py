@@ -397,8 +397,9 @@ def test_scale_runs_the_seeds_of_the_lengths_tuned_so_far_before_a_longer_sweep(
     asked = [line for line in capsys.readouterr().out.splitlines() if line.startswith('$ ')]
     trained = [line for line in asked if 'train_mae.py' in line]
     assert len(asked) == len(set(asked))
-    assert ['--max_iters=12' in line for line in trained] == [True, True, False, False, False], trained
-    assert all('--seed=0' in line for line in trained[2:]) and all(f'--seed={s}' in trained[s - 1] for s in (1, 2))
+    # seed 0's made-up summary has no checkpoint: it is trained again for its probes (restore), first
+    assert ['--max_iters=12' in line for line in trained] == [True, True, True, False, False, False], trained
+    assert all('--seed=0' in line for line in trained[3:]) and all(f'--seed={s}' in trained[s] for s in (0, 1, 2))
 
 
 def test_with_lr_keeps_an_untied_adamw_side_in_ratio():
@@ -454,6 +455,9 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     capsys.readouterr()
     a.probes()
     asked = [line for line in capsys.readouterr().out.splitlines() if line.startswith('$ ')]
+    restored = [line for line in asked if 'train_mae.py' in line]  # made-up runs: no checkpoints
+    asked = [line for line in asked if 'probe.py' in line]
+    assert len(restored) == 2 * 3 * 3 and len(set(restored)) == len(restored)
     assert len(asked) == 2 * 3 * 3 + 3 and all('--linear_pool=flatten --head=linear' in line for line in asked)
     floors = [line for line in asked if '--random_encoder=True' in line]
     assert len(floors) == 3 and all('adamw_lr0.008_len12_' in line for line in floors)
@@ -621,3 +625,27 @@ def test_a_probe_keeps_what_another_process_saved_before_it_took_the_lock(tmp_pa
     saved_by_the_other.append(S.probe_key(S.FLATTEN))
     a.probe(run, S.FLATTEN)  # the other process probed this one meanwhile: not run again
     assert len(ran) == 1 and a.summary(run)['probes'][S.probe_key(S.FLATTEN)] == other
+
+
+def test_a_finished_run_whose_checkpoint_is_gone_is_trained_again_before_its_probes(tmp_path, capsys):
+    """A run's out dir stays on the machine that trained it; its summary is what lands. Probed on
+    another machine, the run is trained again first: the same seed and code end at the same val
+    loss, bit for bit, and the summary keeps its figures beside the re-run's. Nothing runs twice."""
+    import shutil
+    S, a = made_up_study(tmp_path)
+    a.probe_args = ['--epochs=1', '--lrs=(1e-2,)', '--wds=(0.0,)']
+    run = S.Run('adamw', 4e-3, 4)
+    first = a.train(run)
+    shutil.rmtree(tmp_path / 'out' / run.name)
+    capsys.readouterr()
+    a.probe_final(run)
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('$ ')]
+    assert ['train_mae.py' in c for c in commands] == [True, False, False] and '--init_from' not in commands[0]
+    s = a.summary(run)
+    assert s['final_val'] == first['final_val'] and s['retrained_val'] == first['final_val']
+    assert s['train_s'] == first['train_s'] and s['retrain_s'] > 0
+    assert set(s['probes']) == {'default', S.probe_key(S.FLATTEN)}
+    a.probe_final(run)  # probed: nothing runs
+    a.restore(run)  # its checkpoint is there and finished: nothing runs
+    assert '$ ' not in capsys.readouterr().out and a.summary(run) == s
+    assert '1.5 core-hours training' in S.fmt_machine_time([dict(train_s=3600.0, retrain_s=1800.0, probes={})])
