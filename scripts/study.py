@@ -565,7 +565,8 @@ class Study:
                 return
             curve, diverged, seconds = self.fit(run)
             summary = self.summary(run)
-            summary.update(retrained_val=curve[max(curve)], retrain_s=summary.get('retrain_s', 0.0) + seconds)
+            summary.update(retrained_val=math.inf if diverged else curve[max(curve)],
+                           retrain_s=summary.get('retrain_s', 0.0) + seconds)
             self.save(run, summary)
             if abs(summary['retrained_val'] - summary['final_val']) > 1e-4:
                 print(f"warning: {run.name} trained again ends at {summary['retrained_val']:.4f}, "
