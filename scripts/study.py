@@ -289,7 +289,8 @@ def fmt_speedup(steps, short, lengths):
 
 
 def fmt_machine_time(done):
-    return (f"Machine time of all {len(done)} runs so far: {sum(r['train_s'] + r.get('retrain_s', 0) for r in done) / 3600:.1f} core-hours "
+    trained = sum(r['train_s'] + r.get('retrain_s', 0) for r in done)  # a restored encoder's re-run counted
+    return (f"Machine time of all {len(done)} runs so far: {trained / 3600:.1f} core-hours "
             f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.")
 
 
