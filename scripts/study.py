@@ -429,6 +429,7 @@ class Study:
     train_args: tuple = ()  # extra train_mae.py flags
     dry_run: bool = False  # print the commands, run nothing
     commit: bool = False  # git-commit each summary as it is written
+    restored: set = dataclasses.field(default_factory=set)  # the runs a dry run printed restore's command of
 
     @property
     def config_name(self):
@@ -558,8 +559,10 @@ class Study:
         if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and os.path.exists(log) and max(
                 (r['step'] for r in read_log(log) if 'val_loss' in r), default=0) == run.iters:
             return
-        if self.dry_run:
-            self.execute('train_mae.py', run.argv(self.config))
+        if self.dry_run:  # printed once per run, not once per probe
+            if run.name not in self.restored:
+                self.restored.add(run.name)
+                self.execute('train_mae.py', run.argv(self.config))
             return
         with self.lock(run) as mine:
             if not mine:
@@ -575,11 +578,13 @@ class Study:
 
     def probe(self, run, flags=(), random_encoder=False):
         """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)
-        with --probe_config + flags, unless done; the best top-1 per head goes into the summary."""
+        with --probe_config + flags, unless done; the best top-1 per head goes into the summary.
+        An encoder whose checkpoint is gone is trained again first (restore)."""
         key = probe_key(flags, random_encoder)
         summary = self.summary(run)
         if summary is None or key in summary['probes']:
             return
+        self.restore(run)
         out_dir = os.path.join(self.out, run.name, 'probe_' + key)
         args = [self.probe_config, f'--ckpt={os.path.join(self.out, run.name, "ckpt.pt")}', f'--out_dir={out_dir}',
                 f'--seed={run.seed}', f'--random_encoder={random_encoder}', *flags, *self.probe_args]
@@ -1076,15 +1081,10 @@ class TunedStudy(Study):
 
     def probe_final(self, run):
         """A final encoder probed: both heads, and the linear head on all its tokens (FLATTEN); beside
-        AdamW's short runs, per seed, the floors: a random encoder read both ways, and the pixels.
-        An encoder whose checkpoint is gone is trained again first (restore)."""
+        AdamW's short runs, per seed, the floors: a random encoder read both ways, and the pixels."""
         probes = [((), False), (FLATTEN, False)]
         if run.optimizer == 'adamw' and run.iters == self.length:
             probes += [((), True), (FLATTEN, True), (PIXELS, False)]
-        summary = self.summary(run)
-        if summary is None or all(probe_key(*p) in summary['probes'] for p in probes):
-            return
-        self.restore(run)
         for flags, random_encoder in probes:
             self.probe(run, flags, random_encoder)
 

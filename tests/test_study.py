@@ -619,6 +619,7 @@ def test_a_probe_keeps_what_another_process_saved_before_it_took_the_lock(tmp_pa
         return 2.0
     monkeypatch.setattr(a, 'lock', lock_after_the_other)
     monkeypatch.setattr(a, 'execute', fake_probe)
+    monkeypatch.setattr(a, 'restore', lambda run: None)  # a made-up run: no encoder to train again
     saved_by_the_other.append('random')
     a.probe(run)
     assert a.summary(run)['probes'] == dict(random=other, default=dict(linear=0.8, warning='', probe_s=2.0))
@@ -648,4 +649,8 @@ def test_a_finished_run_whose_checkpoint_is_gone_is_trained_again_before_its_pro
     a.probe_final(run)  # probed: nothing runs
     a.restore(run)  # its checkpoint is there and finished: nothing runs
     assert '$ ' not in capsys.readouterr().out and a.summary(run) == s
+    shutil.rmtree(tmp_path / 'out' / run.name)
+    a.probe(run, random_encoder=True)  # any probe (a table row's, a floor) trains it again first
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('$ ')]
+    assert ['train_mae.py' in c for c in commands] == [True, False] and a.summary(run)['retrained_val'] == first['final_val']
     assert '1.5 core-hours training' in S.fmt_machine_time([dict(train_s=3600.0, retrain_s=1800.0, probes={})])
