@@ -140,6 +140,11 @@ def read_log(path):
         return [json.loads(line) for line in f]
 
 
+def val_curve(records):
+    """{step: val loss} of a run's log records, the finite ones."""
+    return {r['step']: r['val_loss'] for r in records if math.isfinite(r.get('val_loss', math.nan))}
+
+
 def diverged_at(records):
     """The step of the first non-finite loss in a run's log records (train_mae.py logs it, then stops), else None."""
     return next((r['step'] for r in records if not all(math.isfinite(r[k]) for k in ('loss', 'val_loss') if k in r)),
@@ -543,7 +548,7 @@ class Study:
                                failure_ok=lambda: diverged_at(read_log(log)) is not None)
         records = read_log(log)
         diverged = diverged_at(records)
-        curve = {r['step']: r['val_loss'] for r in records if math.isfinite(r.get('val_loss', math.nan))}
+        curve = val_curve(records)
         if diverged is None and max(curve, default=0) != run.iters:
             sys.exit(f"error: {run.name} stopped at step {max(curve, default=0)} of {run.iters}; run the phase again")
         return curve, diverged, spent + seconds
@@ -556,8 +561,7 @@ class Study:
         (retrain_s)."""
         out_dir = os.path.join(self.out, run.name)
         log = os.path.join(out_dir, 'log.jsonl')
-        if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and os.path.exists(log) and max(
-                (r['step'] for r in read_log(log) if 'val_loss' in r), default=0) == run.iters:
+        if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and max(val_curve(read_log(log)), default=0) == run.iters:
             return
         if self.dry_run:  # printed once per run, not once per probe
             if run.name not in self.restored:
