@@ -50,6 +50,7 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
@@ -143,6 +144,17 @@ def read_log(path):
 def val_curve(records):
     """{step: val loss} of a run's log records, the finite ones."""
     return {r['step']: r['val_loss'] for r in records if math.isfinite(r.get('val_loss', math.nan))}
+
+
+def machine():
+    """What a run's floats depend on besides its seed and code: the CPU, the kernels torch picked
+    for it (AVX2, AVX512...) and torch's version. The same run on another machine rounds
+    differently, and a long run carries the difference to its final loss."""
+    cpu = ''
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+    return dict(cpu=cpu, kernels=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__)
 
 
 def diverged_at(records):
@@ -528,6 +540,7 @@ class Study:
             curve, diverged, seconds = self.fit(run)
             summary = dict(run._asdict(), name=run.name, config=self.config_name, curve=curve,  # diverged: worst
                            final_val=math.inf if diverged else curve[max(curve)], train_s=seconds, probes={},
+                           machine=machine(),
                            **({'diverged_at': diverged} if diverged else {}))
             self.save(run, summary)
             return summary
@@ -557,8 +570,8 @@ class Study:
         """The encoder of a finished run, trained again where its checkpoint is missing or
         unfinished (the out dir stays on the machine that trained it; the summary is what lands):
         a probe needs it. The summary keeps its figures and gains the re-run's final val loss
-        (retrained_val; the same seed on the same code, so a mismatch is printed) and wall time
-        (retrain_s)."""
+        (retrained_val: bit for bit on the same machine; another CPU rounds differently, so a
+        mismatch is printed with both machines), wall time (retrain_s) and machine (retrain_machine)."""
         out_dir = os.path.join(self.out, run.name)
         log = os.path.join(out_dir, 'log.jsonl')
         if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and max(val_curve(read_log(log)), default=0) == run.iters:
@@ -574,11 +587,12 @@ class Study:
             curve, diverged, seconds = self.fit(run)
             summary = self.summary(run)
             summary.update(retrained_val=math.inf if diverged else curve[max(curve)],
-                           retrain_s=summary.get('retrain_s', 0.0) + seconds)
+                           retrain_s=summary.get('retrain_s', 0.0) + seconds, retrain_machine=machine())
             self.save(run, summary)
             if abs(summary['retrained_val'] - summary['final_val']) > 1e-4:
                 print(f"warning: {run.name} trained again ends at {summary['retrained_val']:.4f}, "
-                      f"not {summary['final_val']:.4f}; its probes read the new encoder", file=sys.stderr)
+                      f"not {summary['final_val']:.4f} (machine then: {summary.get('machine', 'not recorded')}; now: "
+                      f"{summary['retrain_machine']}); its probes read the new encoder", file=sys.stderr)
 
     def probe(self, run, flags=(), random_encoder=False):
         """Probe run's encoder (or, random_encoder, the same architecture freshly drawn)

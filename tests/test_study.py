@@ -645,6 +645,7 @@ def test_a_finished_run_whose_checkpoint_is_gone_is_trained_again_before_its_pro
     s = a.summary(run)
     assert s['final_val'] == first['final_val'] and s['retrained_val'] == first['final_val']
     assert s['train_s'] == first['train_s'] and s['retrain_s'] > 0
+    assert s['retrain_machine'] == s['machine'] and s['machine']['kernels'] and s['machine']['torch']
     assert set(s['probes']) == {'default', S.probe_key(S.FLATTEN)}
     a.probe_final(run)  # probed: nothing runs
     a.restore(run)  # its checkpoint is there and finished: nothing runs
