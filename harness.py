@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import re
 import signal
 from datetime import timedelta
@@ -181,6 +182,16 @@ def stop_on_signals():
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+def cpu_info(key):
+    """The first /proc/cpuinfo line starting with key ('model name', 'flags'), its value; the
+    processor's name off Linux."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith(key)), '')
+    except OSError:
+        return platform.processor()
+
 
 def make_out_dir(out_dir):
     """Create out_dir and check it is writable: fail now, not after hours of work."""

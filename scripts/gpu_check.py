@@ -128,12 +128,12 @@ def one_line(e):
 # the checks: each yields its records
 
 def check_env(c, s):
-    flags = cpu_info('flags').split()
+    flags = harness.cpu_info('flags').split()
     yield dict(part='versions', torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                date=time.strftime('%Y-%m-%d %H:%M'), commit=git_commit())
     gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     yield dict(part='devices', gpus=[g.name for g in gpus], gpu_mem_gb=[round(g.total_memory / 1e9, 1) for g in gpus],
-               capability=[f"{g.major}.{g.minor}" for g in gpus], cpu=cpu_info('model name'), cpus=os.cpu_count(),
+               capability=[f"{g.major}.{g.minor}" for g in gpus], cpu=harness.cpu_info('model name'), cpus=os.cpu_count(),
                torch_threads=torch.get_num_threads(), cpu_fast_bf16=muon.cpu_has_fast_bf16(),
                cpu_flags=[f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags])
     # what this torch lacks, one line each (a check that needs it fails with the same message)
@@ -145,14 +145,6 @@ def check_env(c, s):
     yield dict(part='features', missing=missing,
                flash_attention=getattr(torch.backends.cuda, 'is_flash_attention_available', lambda: None)(),
                c_compiler=shutil.which('cc') or shutil.which('gcc'))  # inductor's triton builds its launchers with it
-
-
-def cpu_info(key):
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next((line.split(':', 1)[1].strip() for line in f if line.startswith(key)), '')
-    except OSError:
-        return platform.processor()
 
 
 def git_commit():
@@ -571,7 +563,7 @@ def write_summary(c):
     env = {r['part']: r for r in records if r['check'] == 'env' and 'part' in r}
     versions, devices = env.get('versions', {}), env.get('devices', {})
     lines = [f"# gpu_check {versions.get('date', time.strftime('%Y-%m-%d %H:%M'))}: "
-             f"{', '.join(devices.get('gpus') or [c.device])}, host {devices.get('cpu', cpu_info('model name'))}, torch "
+             f"{', '.join(devices.get('gpus') or [c.device])}, host {devices.get('cpu', harness.cpu_info('model name'))}, torch "
              f"{versions.get('torch', torch.__version__)}, CUDA {versions.get('cuda', torch.version.cuda)}, commit "
              f"{versions.get('commit', git_commit())}", '', '| check | part | status | figures |', '|---|---|---|---|']
     for r in records[1:]:  # after the plan

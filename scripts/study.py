@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import harness  # noqa: E402
+import muon  # noqa: E402
 import train_mae  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,13 +149,11 @@ def val_curve(records):
 
 def machine():
     """What a run's floats depend on besides its seed and code: the CPU, the kernels torch picked
-    for it (AVX2, AVX512...) and torch's version. The same run on another machine rounds
-    differently, and a long run carries the difference to its final loss."""
-    cpu = ''
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
-    return dict(cpu=cpu, kernels=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__)
+    for it (AVX2, AVX512...), the dtype muon_ns_dtype='auto' gives Newton-Schulz there (bf16 on
+    CPUs with native bf16) and torch's version. The same run on another machine rounds differently, and a long run
+    carries the difference to its final loss."""
+    return dict(cpu=harness.cpu_info('model name'), kernels=torch.backends.cpu.get_cpu_capability(),
+                ns_dtype=str(muon.ns_dtype('cpu')).removeprefix('torch.'), torch=torch.__version__)
 
 
 def diverged_at(records):
