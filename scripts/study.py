@@ -304,10 +304,15 @@ def fmt_speedup(steps, short, lengths):
     return f"{steps / short:.2f}x"
 
 
+def core_hours(done):
+    """The summaries done's (training, probing) time in hours; a restored encoder's re-run counted."""
+    return (sum(r['train_s'] + r.get('retrain_s', 0) for r in done) / 3600,
+            sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600)
+
+
 def fmt_machine_time(done):
-    trained = sum(r['train_s'] + r.get('retrain_s', 0) for r in done)  # a restored encoder's re-run counted
-    return (f"Machine time of all {len(done)} runs so far: {trained / 3600:.1f} core-hours "
-            f"training, {sum(p['probe_s'] for r in done for p in r['probes'].values()) / 3600:.1f} probing.")
+    train, probe = core_hours(done)
+    return f"Machine time of all {len(done)} runs so far: {train:.1f} core-hours training, {probe:.1f} probing."
 
 
 def markdown_table(header, rows):
@@ -1128,15 +1133,19 @@ class TunedStudy(Study):
                  "Made by `python scripts/study.py report_tuned`. Wall times: one thread per run, as measured, however "
                  "many runs shared the cores (an upper bound on each run's CPU time, except for runs restarted under "
                  "runners older than 2c52e6d, which counted only their last attempt: docs/study.md).", '',
-                 fmt_machine_time(self.summaries()), '',
-                 '## 1. Tuning at the short length (seed 0, final val loss)', '',
-                 "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
-                 "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
-                 "knob over its best and its neighbours, until a pass changes nothing.", '']
+                 fmt_machine_time(self.summaries()), '']
         settings, traces, sweeps = {}, {}, {}
+        earlier, earlier_sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
         for optimizer in KNOBS:
             traces[optimizer], sweeps[optimizer] = [], []
             settings[optimizer] = self.length_settings(optimizer, False, traces[optimizer], sweeps[optimizer])
+            earlier[optimizer] = self.length_settings(optimizer, False, sweeps=earlier_sweeps[optimizer], retuned=(LR,))
+        lines += [self.phase_times(settings, earlier, traces, sweeps, earlier_sweeps), '',
+                  '## 1. Tuning at the short length (seed 0, final val loss)', '',
+                  "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
+                  "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
+                  "knob over its best and its neighbours, until a pass changes nothing.", '']
+        for optimizer in KNOBS:
             for n, key, runs, best in traces[optimizer]:
                 lines.append(f"- {optimizer}, pass {n}, {key}: {fmt_sweep(runs, best)}"
                              + ('' if best is not None else ' (unfinished)'))
@@ -1147,9 +1156,6 @@ class TunedStudy(Study):
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
-        earlier, earlier_sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
-        for optimizer in KNOBS:
-            earlier[optimizer] = self.length_settings(optimizer, False, sweeps=earlier_sweeps[optimizer], retuned=(LR,))
         moved = earlier != settings  # the per-length re-tune moved a weight decay: both protocols are reported
         lines += self.results_lines(settings, runs_at, traces, sweeps, floors, elsewhere=moved)
         if moved:
@@ -1158,6 +1164,32 @@ class TunedStudy(Study):
                       f"decay included, kept its {L}-step value. The runs of those settings:", '',
                       *self.results_lines(earlier, self.final_summaries(earlier), traces, earlier_sweeps, floors, (LR,))]
         self.write('study.md', lines)
+
+    def phase_times(self, settings, earlier, traces, sweeps, earlier_sweeps):
+        """The machine time of each phase, both protocols' runs together; a run in several phases
+        (a sweep's best is a final run's seed 0) counted in the first that has it."""
+        L, protocols = self.length, ((settings, None), (earlier, (LR,)))
+        finals = [s for p, _ in protocols for runs in self.final_summaries(p).values() for s in runs]
+        checks, rows = [], []
+        for p, retuned in protocols:
+            for o, trace in traces.items():
+                if 16 * L in p[o] and len(trace) >= len(KNOBS[o]):  # the short length's tuning finished
+                    checks += [r.name for r in self.check_runs(o, p[o][16 * L], trace, retuned).values()]
+            at = {o: p[o].get(4 * L) for o in ('adamw', 'muon')}
+            rows += [self.row_run(row, at, seed).name for seed in self.seeds for name in self.tables
+                     for row in TABLES[name]] if None not in at.values() else []
+        phases = [("each length's tuned setting at every seed, probed, and the floors", [s['name'] for s in finals]),
+                  (f"the other settings tuned at {L} steps", [s['name'] for t in traces.values()
+                                                              for *_, done, _ in t for s in done.values()]),
+                  (f"the other settings re-tuned at {4 * L} and {16 * L} steps",
+                   [s['name'] for sw in (*sweeps.values(), *earlier_sweeps.values()) for *_, done, _ in sw
+                    for s in done.values()]),
+                  (f"the checks at {16 * L} steps", checks), (f"the tables' rows at {4 * L} steps", rows)]
+        left, parts = {s['name']: s for s in self.summaries()}, []
+        for what, names in phases + [('other runs', list(left))]:
+            runs = [left.pop(name) for name in dict.fromkeys(names) if name in left]
+            parts.append(f"{what}: {len(runs)} runs, " + '{:.1f} training, {:.1f} probing'.format(*core_hours(runs)))
+        return 'By phase, in core-hours (a run in the first phase that has it): ' + '; '.join(parts) + '.'
 
     def final_summaries(self, settings):
         """{(optimizer, iters): the summaries of its setting's runs at every seed}; settings {optimizer: {iters: setting}}."""

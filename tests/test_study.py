@@ -4,6 +4,7 @@ are never run again."""
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -474,11 +475,21 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
                         linear=0.82 + 0.01 * seed, warning='', probe_s=1.0)
                 a.save(run, s)
     a.tables = ['blog', 'probe_optimizer']  # the second table's rows are not probed: no resolution in top-1 there
+    trace = []
+    a.coordinate_tune('muon', 12, wait=False, trace=trace)
+    check = a.check_runs('muon', a.length_settings('muon', wait=False)[192], trace)['warmup_epochs']
+    a.save(check, dict(a.summary(check), train_s=2.5 * 3600 - 3))
     a.report_tuned()
     text = (tmp_path / 'results' / 'study.md').read_text()
     # the probe table's rows share their encoders: their val loss is not compared, and their top-1 is not there
     assert 'nan' not in text and '+0.00000' not in text
     assert text.count('no difference is tested until every row has 2 seeds') == 1
+    # every summary in exactly one phase: 2 x 3 lengths x 3 seeds final, 4 checks, the 6 x 3 blog rows less the 2 x 3
+    # that are final runs (AdamW's and Muon's plain rows); the rest are the sweeps' other settings. 1 s per run and probe
+    phases = re.search(r'By phase, in core-hours \(.*?\): (.*)\.\n', text).group(1).split('; ')
+    counts = [int(re.search(r': (\d+) runs, ', p).group(1)) for p in phases]
+    assert counts[0] == 18 and counts[3:] == [4, 12, 0] and sum(counts) == len(a.summaries()), phases
+    assert phases[3] == 'the checks at 192 steps: 4 runs, 2.5 training, 0.0 probing', phases  # one check ran 2.5 h
     assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.032 | 0.25410 ± 0.00210 (3) | -0.04790 * |" in text
     assert "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.00210 *" in text  # paired: t = 36
     # seed means: AdamW 0.402, 0.302, 0.252 (seeds add 0, 0.002, 0.004); Muon 0.05 lower, exactly paired
