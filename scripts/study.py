@@ -1174,7 +1174,8 @@ class TunedStudy(Study):
         for p, retuned in protocols:
             for o, trace in traces.items():
                 if 16 * L in p[o] and len(trace) >= len(KNOBS[o]):  # the short length's tuning finished
-                    checks += [r.name for r in self.check_runs(o, p[o][16 * L], trace, retuned).values()]
+                    checks += [r._replace(seed=seed).name for seed in self.seeds  # seed 0's, and any more seeds of one
+                               for r in self.check_runs(o, p[o][16 * L], trace, retuned).values()]
             at = {o: p[o].get(4 * L) for o in ('adamw', 'muon')}
             rows += [self.row_run(row, at, seed).name for seed in self.seeds for name in self.tables
                      for row in TABLES[name]] if None not in at.values() else []
@@ -1236,6 +1237,8 @@ class TunedStudy(Study):
             base = self.summary(self.setting_run(optimizer, longest, 16 * self.length)) if longest else None
             if base is None or len(trace) < len(KNOBS[optimizer]):
                 continue
+            tuned = by_seed(self.seed_summaries(self.setting_run(optimizer, longest, 16 * self.length)),
+                            lambda r: r['final_val'])
             for key, run in self.check_runs(optimizer, longest, trace, retuned).items():
                 s = self.summary(run)
                 if s:
@@ -1244,6 +1247,10 @@ class TunedStudy(Study):
                     checked.append(f"- {optimizer}, {key}: {run.name}: {s['final_val']:.4f} against the tuned "
                                    f"{base['final_val']:.4f} (seed 0, {delta:+.4f}): the short length's value {verdict}"
                                    + (' (within the noise)' if abs(delta) < 2 * math.sqrt(2) * sd else ''))
+                    seeds = by_seed(self.seed_summaries(run), lambda r: r['final_val'])
+                    if len(set(seeds) & set(tuned)) > 1:  # a check run at more seeds: paired over them
+                        checked[-1] += (f"; over seeds {', '.join(map(str, sorted(set(seeds) & set(tuned))))}, "
+                                        f"paired: {fmt_delta(seeds, tuned, 4)}")
         return ['', f"Checks at {n} steps, each tuned knob moved one grid step to its runner-up side. The seed SD of a "
                 f"final run there is {sd:.4f}; within the noise = less than 2·sqrt(2)·SD apart, two standard errors "
                 "of the difference of two independent runs (these two share seed 0, so they likely differ by less "

@@ -479,17 +479,24 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     a.coordinate_tune('muon', 12, wait=False, trace=trace)
     check = a.check_runs('muon', a.length_settings('muon', wait=False)[192], trace)['warmup_epochs']
     a.save(check, dict(a.summary(check), train_s=2.5 * 3600 - 3))
+    for seed in (1, 2):  # this check at two more seeds, each shifted as the tuned runs are: the paired line
+        a.save(check._replace(seed=seed), dict(a.summary(check), seed=seed, final_val=a.summary(check)['final_val']
+                                               + 0.002 * seed, name=check._replace(seed=seed).name, train_s=0.0))
     a.report_tuned()
     text = (tmp_path / 'results' / 'study.md').read_text()
     # the probe table's rows share their encoders: their val loss is not compared, and their top-1 is not there
     assert 'nan' not in text and '+0.00000' not in text
     assert text.count('no difference is tested until every row has 2 seeds') == 1
-    # every summary in exactly one phase: 2 x 3 lengths x 3 seeds final, 4 checks, the 6 x 3 blog rows less the 2 x 3
+    # every summary in exactly one phase: 2 x 3 lengths x 3 seeds final, 4 checks (one at 3 seeds), the 6 x 3 blog rows less the 2 x 3
     # that are final runs (AdamW's and Muon's plain rows); the rest are the sweeps' other settings. 1 s per run and probe
     phases = re.search(r'By phase, in core-hours \(.*?\): (.*)\.\n', text).group(1).split('; ')
     counts = [int(re.search(r': (\d+) runs, ', p).group(1)) for p in phases]
-    assert counts[0] == 18 and counts[3:] == [4, 12, 0] and sum(counts) == len(a.summaries()), phases
-    assert phases[3] == 'the checks at 192 steps: 4 runs, 2.5 training, 0.0 probing', phases  # one check ran 2.5 h
+    assert counts[0] == 18 and counts[3:] == [6, 12, 0] and sum(counts) == len(a.summaries()), phases
+    assert phases[3] == 'the checks at 192 steps: 6 runs, 2.5 training, 0.0 probing', phases  # one ran 2.5 h
+    line = next(x for x in text.splitlines() if x.startswith('- muon, warmup_epochs: '))
+    delta = re.search(r'\(seed 0, ([-+]\d\.\d{4})\)', line).group(1)
+    assert line.endswith(f"; over seeds 0, 1, 2, paired: {delta} *"), line
+    assert '; over seeds ' not in text.replace(line, '')  # the other checks have seed 0 alone
     assert "| Muon, no bias, GELU, LN (`--bias=False`) | muon 0.032 | 0.25410 ± 0.00210 (3) | -0.04790 * |" in text
     assert "Muon, bias, GELU, LN - Muon, no bias, GELU, LN: val -0.00210 *" in text  # paired: t = 36
     # seed means: AdamW 0.402, 0.302, 0.252 (seeds add 0, 0.002, 0.004); Muon 0.05 lower, exactly paired
