@@ -1249,8 +1249,9 @@ class TunedStudy(Study):
                                    + (' (within the noise)' if abs(delta) < 2 * math.sqrt(2) * sd else ''))
                     seeds = by_seed(self.seed_summaries(run), lambda r: r['final_val'])
                     if len(set(seeds) & set(tuned)) > 1:  # a check run at more seeds: paired over them
+                        mean, marked = paired_difference(seeds, tuned)
                         checked[-1] += (f"; over seeds {', '.join(map(str, sorted(set(seeds) & set(tuned))))}, "
-                                        f"paired: {fmt_delta(seeds, tuned, 4)}")
+                                        f"paired: {mean:+.4f}" + (' *' if marked else ', not marked'))
         return ['', f"Checks at {n} steps, each tuned knob moved one grid step to its runner-up side. The seed SD of a "
                 f"final run there is {sd:.4f}; within the noise = less than 2·sqrt(2)·SD apart, two standard errors "
                 "of the difference of two independent runs (these two share seed 0, so they likely differ by less "
