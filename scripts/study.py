@@ -1234,11 +1234,11 @@ class TunedStudy(Study):
         sd = pooled_sd([mean_sd([r['final_val'] for r in runs_at[o, n]])[1] for o in ('adamw', 'muon') if runs_at[o, n]])
         for optimizer, trace in traces.items():
             longest = settings[optimizer].get(16 * self.length)
-            base = self.summary(self.setting_run(optimizer, longest, 16 * self.length)) if longest else None
+            tuned_run = self.setting_run(optimizer, longest, 16 * self.length) if longest else None
+            base = self.summary(tuned_run) if longest else None
             if base is None or len(trace) < len(KNOBS[optimizer]):
                 continue
-            tuned = by_seed(self.seed_summaries(self.setting_run(optimizer, longest, 16 * self.length)),
-                            lambda r: r['final_val'])
+            tuned = by_seed(self.seed_summaries(tuned_run), lambda r: r['final_val'])
             for key, run in self.check_runs(optimizer, longest, trace, retuned).items():
                 s = self.summary(run)
                 if s:

@@ -487,8 +487,8 @@ def test_tuned_report_pairs_by_seed_interpolates_by_every_rule_and_judges_the_ch
     # the probe table's rows share their encoders: their val loss is not compared, and their top-1 is not there
     assert 'nan' not in text and '+0.00000' not in text
     assert text.count('no difference is tested until every row has 2 seeds') == 1
-    # every summary in exactly one phase: 2 x 3 lengths x 3 seeds final, 4 checks (one at 3 seeds), the 6 x 3 blog rows less the 2 x 3
-    # that are final runs (AdamW's and Muon's plain rows); the rest are the sweeps' other settings. 1 s per run and probe
+    # every summary in exactly one phase: 2 x 3 lengths x 3 seeds final; 4 checks, one at 3 seeds; the 6 x 3 blog
+    # rows less the 2 x 3 that are final runs (AdamW's and Muon's plain rows); the rest are the sweeps' other settings
     phases = re.search(r'By phase, in core-hours \(.*?\): (.*)\.\n', text).group(1).split('; ')
     counts = [int(re.search(r': (\d+) runs, ', p).group(1)) for p in phases]
     assert counts[0] == 18 and counts[3:] == [6, 12, 0] and sum(counts) == len(a.summaries()), phases
