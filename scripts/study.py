@@ -1133,14 +1133,16 @@ class TunedStudy(Study):
                  "Made by `python scripts/study.py report_tuned`. Wall times: one thread per run, as measured, however "
                  "many runs shared the cores (an upper bound on each run's CPU time, except for runs restarted under "
                  "runners older than 2c52e6d, which counted only their last attempt: docs/study.md).", '',
-                 fmt_machine_time(self.summaries()), '']
+                 fmt_machine_time(done := self.summaries()), '']
         settings, traces, sweeps = {}, {}, {}
         earlier, earlier_sweeps = {}, {o: [] for o in KNOBS}  # the protocol before b5b6415, from the runs it made
         for optimizer in KNOBS:
             traces[optimizer], sweeps[optimizer] = [], []
             settings[optimizer] = self.length_settings(optimizer, False, traces[optimizer], sweeps[optimizer])
             earlier[optimizer] = self.length_settings(optimizer, False, sweeps=earlier_sweeps[optimizer], retuned=(LR,))
-        lines += [self.phase_times(settings, earlier, traces, sweeps, earlier_sweeps), '',
+        runs_at, earlier_at = self.final_summaries(settings), self.final_summaries(earlier)
+        lines += [self.phase_times(done, (settings, earlier), (runs_at, earlier_at), traces, (sweeps, earlier_sweeps)),
+                  '',
                   '## 1. Tuning at the short length (seed 0, final val loss)', '',
                   "One hyperparameter at a time, holding the others at their best so far; each grid widened at the edge "
                   "holding its best until the best is inside (or on a floor: a weight decay of 0); passes repeat, each "
@@ -1152,7 +1154,6 @@ class TunedStudy(Study):
             tuned = settings[optimizer].get(L)
             lines += ['', f"{optimizer} tuned at {L} steps: " + (', '.join(f"{k} {v:g}" for k, v in tuned.items())
                       if tuned else 'unfinished') + f". Held fixed: {HELD[optimizer]}.", '']
-        runs_at = self.final_summaries(settings)
         floors = {name: by_seed(runs_at['adamw', L], lambda r: r['probes'].get(key))  # probed beside these (scale)
                   for name, key in (('random', probe_key(random_encoder=True)), ('pixels', probe_key(PIXELS)),
                                     ('random_flat', probe_key(FLATTEN, random_encoder=True)))}
@@ -1162,31 +1163,32 @@ class TunedStudy(Study):
             lines += ['# Before the weight decay was re-tuned per length', '',
                       f"Until commit b5b6415 each longer length re-tuned the lr alone; every other knob, the weight "
                       f"decay included, kept its {L}-step value. The runs of those settings:", '',
-                      *self.results_lines(earlier, self.final_summaries(earlier), traces, earlier_sweeps, floors, (LR,))]
+                      *self.results_lines(earlier, earlier_at, traces, earlier_sweeps, floors, (LR,))]
         self.write('study.md', lines)
 
-    def phase_times(self, settings, earlier, traces, sweeps, earlier_sweeps):
-        """The machine time of each phase, both protocols' runs together; a run in several phases
-        (a sweep's best is a final run's seed 0) counted in the first that has it."""
-        L, protocols = self.length, ((settings, None), (earlier, (LR,)))
-        finals = [s for p, _ in protocols for runs in self.final_summaries(p).values() for s in runs]
-        checks, rows = [], []
-        for p, retuned in protocols:
+    def phase_times(self, done, protocols, finals, traces, sweeps):
+        """The machine time of each phase of the summaries done, both protocols' runs together
+        (protocols: the current settings and the lr-only ones; finals, sweeps: each one's
+        final_summaries and length sweeps); a run in several phases (a sweep's best is a final
+        run's seed 0) counted in the first that has it."""
+        L, checks, rows = self.length, [], []
+        for p, retuned in zip(protocols, (None, (LR,))):
             for o, trace in traces.items():
                 if 16 * L in p[o] and len(trace) >= len(KNOBS[o]):  # the short length's tuning finished
-                    checks += [r._replace(seed=seed).name for seed in self.seeds  # seed 0's, and any more seeds of one
-                               for r in self.check_runs(o, p[o][16 * L], trace, retuned).values()]
+                    checked = self.check_runs(o, p[o][16 * L], trace, retuned).values()
+                    checks += [r._replace(seed=seed).name for r in checked for seed in self.seeds]  # any more seeds too
             at = {o: p[o].get(4 * L) for o in ('adamw', 'muon')}
             rows += [self.row_run(row, at, seed).name for seed in self.seeds for name in self.tables
                      for row in TABLES[name]] if None not in at.values() else []
-        phases = [("each length's tuned setting at every seed, probed, and the floors", [s['name'] for s in finals]),
+        phases = [("each length's tuned setting at every seed, probed, and the floors",
+                   [s['name'] for runs_at in finals for runs in runs_at.values() for s in runs]),
                   (f"the other settings tuned at {L} steps", [s['name'] for t in traces.values()
-                                                              for *_, done, _ in t for s in done.values()]),
+                                                              for *_, runs, _ in t for s in runs.values()]),
                   (f"the other settings re-tuned at {4 * L} and {16 * L} steps",
-                   [s['name'] for sw in (*sweeps.values(), *earlier_sweeps.values()) for *_, done, _ in sw
-                    for s in done.values()]),
+                   [s['name'] for by_optimizer in sweeps for sw in by_optimizer.values() for *_, runs, _ in sw
+                    for s in runs.values()]),
                   (f"the checks at {16 * L} steps", checks), (f"the tables' rows at {4 * L} steps", rows)]
-        left, parts = {s['name']: s for s in self.summaries()}, []
+        left, parts = {s['name']: s for s in done}, []
         for what, names in phases + [('other runs', list(left))]:
             runs = [left.pop(name) for name in dict.fromkeys(names) if name in left]
             parts.append(f"{what}: {len(runs)} runs, " + '{:.1f} training, {:.1f} probing'.format(*core_hours(runs)))
@@ -1248,10 +1250,11 @@ class TunedStudy(Study):
                                    f"{base['final_val']:.4f} (seed 0, {delta:+.4f}): the short length's value {verdict}"
                                    + (' (within the noise)' if abs(delta) < 2 * math.sqrt(2) * sd else ''))
                     seeds = by_seed(self.seed_summaries(run), lambda r: r['final_val'])
-                    if len(set(seeds) & set(tuned)) > 1:  # a check run at more seeds: paired over them
+                    shared = sorted(set(seeds) & set(tuned))
+                    if len(shared) > 1:  # a check run at more seeds: paired over them
                         mean, marked = paired_difference(seeds, tuned)
-                        checked[-1] += (f"; over seeds {', '.join(map(str, sorted(set(seeds) & set(tuned))))}, "
-                                        f"paired: {mean:+.4f}" + (' *' if marked else ', not marked'))
+                        checked[-1] += (f"; over seeds {', '.join(map(str, shared))}, paired: {mean:+.4f}"
+                                        + (' *' if marked else ', not marked'))
         return ['', f"Checks at {n} steps, each tuned knob moved one grid step to its runner-up side. The seed SD of a "
                 f"final run there is {sd:.4f}; within the noise = less than 2·sqrt(2)·SD apart, two standard errors "
                 "of the difference of two independent runs (these two share seed 0, so they likely differ by less "
